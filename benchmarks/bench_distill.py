@@ -2,7 +2,10 @@
 
 Methods: `reference` (the MTT-style unroll of `benchmarks/reference_step.py`), `ours` (`Distiller`,
 `gradient="unroll"`: hand-written ConvNet step + freed-memory reuse), `ours-no-reuse` (the same without
-`reuse_freed_cpu_memory`, to attribute the CPU gain) and `tesla` (`gradient="tesla"`). ConvNet-3 width 128,
+`reuse_freed_cpu_memory`, to attribute the CPU gain), `tesla` (`gradient="tesla"`) and `ours-ast` (`ours`
+with every per-iteration AST module on: balanced inner loss, intermediate matching, weight perturbation ρ 0.1;
+representative initialisation costs nothing per iteration). `--expert-epochs` sets M (intermediate matching
+needs M >= 2; compare `ours` and `ours-ast` at the same M). ConvNet-3 width 128,
 10 classes of random images, all images per student step, DSA `color_crop_cutout_flip_scale_rotate`, one
 matched expert epoch. One warm-up iteration, then `--repeats` timed ones (the median is reported).
 
@@ -30,20 +33,20 @@ import ast_core.distill as distill
 from ast_core.augment import DSA
 from ast_core.models import FlatModel, build_model
 
-METHODS = ("reference", "ours", "ours-no-reuse", "tesla")
+METHODS = ("reference", "ours", "ours-no-reuse", "tesla", "ours-ast")
 NUM_CLASSES = 10
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
-class TwoCheckpoints:
-    """An expert segment: the start at epoch 0 and the target at epoch 1."""
+class Checkpoints:
+    """An expert segment of len(points) - 1 epochs, read at integer epochs."""
 
-    def __init__(self, start: torch.Tensor, target: torch.Tensor) -> None:
-        self.points = (start, target)
+    def __init__(self, points: list[torch.Tensor]) -> None:
+        self.points = points
 
     @property
     def num_epochs(self) -> int:
-        return 1
+        return len(self.points) - 1
 
     def at(self, t: float) -> torch.Tensor:
         return self.points[int(t)]
@@ -59,13 +62,16 @@ def _peak_rss_mb() -> float:
 
 
 def _iteration(method: str, ipc: int, channels: int, size: int, syn_steps: int,
-               device: torch.device) -> Callable[[], None]:
+               device: torch.device, expert_epochs: int = 1) -> Callable[[], None]:
     """A closure running one full iteration (sampling, DSA, unroll, gradients, image/lr update)."""
     generator = torch.Generator().manual_seed(0)
     module = build_model("convnet", channels, NUM_CLASSES, size).to(device)
     flat_model = FlatModel(module)
     start = flat_model.flatten()
-    target = start + 0.01 * torch.randn(start.shape, generator=generator).to(device)
+    points = [start]
+    for _ in range(expert_epochs):
+        points.append(points[-1] + 0.01 * torch.randn(start.shape, generator=generator).to(device))
+    target = points[1]
     images = torch.randn(NUM_CLASSES * ipc, channels, size, size, generator=generator).to(device)
     labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(ipc)
     if method == "reference":
@@ -82,21 +88,24 @@ def _iteration(method: str, ipc: int, channels: int, size: int, syn_steps: int,
         return reference_iteration
     if method == "ours-no-reuse":
         distill.reuse_freed_cpu_memory = lambda: False
-    config = distill.DistillConfig(ipc=ipc, syn_steps=syn_steps, expert_epochs=1, max_start_epoch=1,
+    modules = {"balanced_loss": True, "intermediate_matching": True, "perturb_rho": 0.1} if method == "ours-ast" else {}
+    config = distill.DistillConfig(ipc=ipc, syn_steps=syn_steps, expert_epochs=expert_epochs, max_start_epoch=1,
                                    lr_teacher=0.01, dsa_strategy=STRATEGY,
-                                   gradient="tesla" if method == "tesla" else "unroll")
-    distiller = distill.Distiller(config, [TwoCheckpoints(start, target)], flat_model, images, labels, device)
+                                   gradient="tesla" if method == "tesla" else "unroll", **modules)
+    distiller = distill.Distiller(config, [Checkpoints(points)], flat_model, images, labels, device)
     return distiller._step
 
 
 def run_cell(method: str, ipc: int, channels: int, size: int, syn_steps: int, repeats: int,
-             device: str) -> dict[str, object]:
+             device: str, expert_epochs: int = 1) -> dict[str, object]:
     """Time one setting in this process: {"seconds": median s/iteration, "memory_mb": peak, ...}."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; allowed: {', '.join(METHODS)}")
     torch_device = torch.device(device)
     cuda = torch_device.type == "cuda"
-    iteration = _iteration(method, ipc, channels, size, syn_steps, torch_device)
+    if method == "reference" and expert_epochs != 1:
+        raise ValueError("the reference step matches one expert epoch: use --expert-epochs 1")
+    iteration = _iteration(method, ipc, channels, size, syn_steps, torch_device, expert_epochs)
 
     def timed() -> float:
         if cuda:
@@ -114,6 +123,7 @@ def run_cell(method: str, ipc: int, channels: int, size: int, syn_steps: int, re
     seconds = [timed() for _ in range(repeats)]
     memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb() - baseline
     return {"method": method, "ipc": ipc, "channels": channels, "size": size, "syn_steps": syn_steps,
+            "expert_epochs": expert_epochs,
             "seconds": statistics.median(seconds), "all_seconds": seconds, "warm_up_seconds": warm_up,
             "memory_mb": memory, "threads": torch.get_num_threads(), "device": device}
 
@@ -125,12 +135,13 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--syn-steps", type=int, default=20)
+    parser.add_argument("--expert-epochs", type=int, default=1, help="M, matched expert epochs")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     try:
         result = run_cell(args.method, args.ipc, args.channels, args.size, args.syn_steps, args.repeats,
-                          args.device)
+                          args.device, args.expert_epochs)
     except torch.cuda.OutOfMemoryError:
         result = {"method": args.method, "error": "out of memory"}
     print(json.dumps(result))

@@ -7,7 +7,8 @@
     (`bench_distill.py`); on CPU, cells above a work budget (images x N) are skipped and listed as such;
 (b) expert-epoch throughput with and without the gradient penalty (`bench_experts.py`);
 (c) trajectory bytes: plain 51 checkpoints vs MCT 2/4 anchors vs fp16, and load time (`bench_storage.py`);
-(d) train-on-synthetic evaluation throughput (`bench_evaluate.py`), and loading one expert vs one iteration.
+(d) train-on-synthetic evaluation throughput (`bench_evaluate.py`), and loading one expert vs one iteration;
+(e) plain MTT vs every per-iteration AST module on (`bench_distill.py --method ours|ours-ast`), same N and M.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ def run_script(script: str, *args: str) -> str:
     return completed.stdout.strip()
 
 
-def distill_cell(method: str, channels: int, size: int, ipc: int, steps: int, repeats: int, device: str) -> Cell:
+def distill_cell(method: str, channels: int, size: int, ipc: int, steps: int, repeats: int, device: str,
+                 expert_epochs: int = 1) -> Cell:
     output = run_script("bench_distill.py", "--method", method, "--ipc", str(ipc), "--channels", str(channels),
                         "--size", str(size), "--syn-steps", str(steps), "--repeats", str(repeats),
-                        "--device", device)
+                        "--device", device, "--expert-epochs", str(expert_epochs))
     try:
         return json.loads(output.splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
@@ -140,6 +142,25 @@ def load_vs_iteration(args: argparse.Namespace, storage: list[Cell], cells: Cell
     return "\n".join(f"- {line}" for line in lines)
 
 
+MODULE_CELLS = [("FMNIST 1x28x28", 10, 20, 2)]  # data, ipc, N, M: AST's intermediate matching needs M >= 2
+
+
+def modules_table(args: argparse.Namespace) -> str:
+    """Part (e): the AST paper says its modules add little time; this measures it, same N and M, side by side."""
+    rows = ["| data | ipc | N | M | plain MTT s/it | all AST modules s/it | time ratio | plain MB | AST MB | "
+            "memory ratio |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for shape, ipc, steps, epochs in MODULE_CELLS:
+        channels, size = SHAPES[shape]
+        plain, modules = (distill_cell(method, channels, size, ipc, steps, args.repeats, args.device, epochs)
+                          for method in ("ours", "ours-ast"))
+        print(f"{shape} ipc {ipc} N {steps} M {epochs}: {plain} / {modules}", file=sys.stderr, flush=True)
+        rows.append(f"| {shape} | {ipc} | {steps} | {epochs} | {_cell_text(plain, 'seconds', '.2f')} | "
+                    f"{_cell_text(modules, 'seconds', '.2f')} | {_ratio(modules, plain, 'seconds')} | "
+                    f"{_cell_text(plain, 'memory_mb', ',.0f')} | {_cell_text(modules, 'memory_mb', ',.0f')} | "
+                    f"{_ratio(modules, plain, 'memory_mb')} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small grid, 1 timed repeat (CPU: ~30 min)")
@@ -156,6 +177,7 @@ def main() -> None:
     evaluate = run_script("bench_evaluate.py", "--ipc", *(["1", "10"] if args.quick else ["1", "10", "50"]),
                           "--device", args.device)
     loading = load_vs_iteration(args, storage, cells)
+    modules = modules_table(args)
     command = shlex.join([os.path.relpath(sys.executable, HERE.parent), "benchmarks/run_all.py", *sys.argv[1:]])
     text = f"""# Benchmarks
 
@@ -195,6 +217,15 @@ one forward-backward per step and keeps one step's tensors alive instead of N. O
 {evaluate}
 
 {loading}
+
+## (e) Plain MTT vs every AST module (`benchmarks/bench_distill.py --method ours|ours-ast --expert-epochs 2`)
+
+Both with `Distiller` (`gradient="unroll"`), same N and M. *All AST modules*: balanced inner loss (Eq. 20),
+intermediate matching (Eq. 22, M - 1 extra parameter distances), filter-normalised perturbation of the start
+(Eq. 23, ρ 0.1); representative initialisation happens once, before the first iteration, so it is not here.
+Ratios are AST / plain (1.00x = no overhead).
+
+{modules}
 """
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}", file=sys.stderr)

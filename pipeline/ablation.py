@@ -42,18 +42,29 @@ def overrides(group: str, extra: list[str]) -> list[str]:
     return args
 
 
+def experiment_name(group: str, seed: int | None) -> str:
+    """`ablation-<group>`, or `ablation-<group>-s<seed>` for one of several distillation seeds."""
+    return f"ablation-{group}" if seed is None else f"ablation-{group}-s{seed}"
+
+
 def run_ablations(params: Params, params_path: str, groups: list[str] | None = None,
-                  extra: list[str] | None = None) -> None:
+                  extra: list[str] | None = None, seeds: list[int] | None = None) -> None:
+    """One DVC experiment per group (and per distillation seed when `seeds` is given), then the report."""
     ensure_params_file(params_path)
     chosen = groups or list(GROUPS)
     unknown = [g for g in chosen if g not in GROUPS]
     if unknown:
         raise ParamsError(f"--group: {unknown[0]!r} is unknown; allowed: {', '.join(GROUPS)}")
+    if seeds is not None and (not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds)):
+        raise ParamsError(f"--seeds: {seeds} must be distinct integers >= 0")
     for group in chosen:
-        # A rerun replaces the previous experiment of the same name instead of failing on the conflict.
-        subprocess.run(dvc_command("exp", "remove", f"ablation-{group}"), capture_output=True, check=False)
-        with tracking.pipeline_run(params.tracking.experiment, run_name=f"ablation-{group}"):
-            run_dvc("exp", "run", "--temp", "--name", f"ablation-{group}", *overrides(group, extra or []))
+        for seed in seeds or [None]:
+            name = experiment_name(group, seed)
+            seed_override = [] if seed is None else [f"distill.seed={seed}"]
+            # A rerun replaces the previous experiment of the same name instead of failing on the conflict.
+            subprocess.run(dvc_command("exp", "remove", name), capture_output=True, check=False)
+            with tracking.pipeline_run(params.tracking.experiment, run_name=name):
+                run_dvc("exp", "run", "--temp", "--name", name, *overrides(group, (extra or []) + seed_override))
     from pipeline.stages import report
 
     report.run(params)

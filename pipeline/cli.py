@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace, params: Params) -> None:
 def cmd_ablate(args: argparse.Namespace, params: Params) -> None:
     from pipeline.ablation import run_ablations
 
-    run_ablations(params, args.params, groups=args.group, extra=args.set or [])
+    run_ablations(params, args.params, groups=args.group, extra=args.set or [], seeds=args.seeds)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Params], Any], str]] = {
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ablate":
             cmd.add_argument("--group", action="append", help="ablation group (repeatable; default: all)")
             cmd.add_argument("--set", action="append", help="extra override key=value for every experiment")
+            cmd.add_argument("--seeds", type=int, nargs="+",
+                             help="repeat each group for these distillation seeds (distill.seed); the report "
+                                  "aggregates them as mean ± std")
     for entry in entry_points(group=PLUGIN_GROUP):
         entry.load()(sub)
     return parser

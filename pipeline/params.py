@@ -162,6 +162,7 @@ class DistillParams:
     ipcs: list[int] = field(default_factory=lambda: [10])
     methods: list[str] = field(default_factory=lambda: ["ast"])
     num_experts: int | None = None      # use the first n experts of the buffer (None: all)
+    seed: int | None = None             # seeds distillation only (None: the top-level seed); see distill_seed()
     checkpoint_every: int = 100
     eval_every: int = 100               # validation accuracy for best-set selection (0: only at the end)
     eval_models: int = 1
@@ -183,6 +184,8 @@ class DistillParams:
             if not key.isdigit():
                 raise ParamsError(f"distill.per_ipc.{key}: keys are ipc values such as '10'")
             from_mapping(Hyper, {**dataclasses.asdict(self.hyper), **self.per_ipc[key]}, f"distill.per_ipc.{key}")
+        if self.seed is not None and self.seed < 0:
+            raise ParamsError(f"distill.seed: {self.seed!r} must be >= 0 or null")
         if self.checkpoint_every < 1 or self.eval_every < 0 or self.eval_models < 1 or self.eval_iterations < 1:
             raise ParamsError("distill.checkpoint_every/eval_models/eval_iterations must be >= 1 and "
                               "distill.eval_every >= 0")
@@ -253,6 +256,15 @@ class Params:
             for ipc in self.distill.ipcs:
                 self.distill_config(name, ipc)  # raises ParamsError naming the key
 
+    @property
+    def distill_seed(self) -> int:
+        """Seed of the distillation runs (segment sampling, DSA, batches, random-real init, perturbation).
+
+        Separate from `seed`, which also fixes the data split, the experts and the evaluation networks, so
+        repeating distillation over several seeds reuses everything upstream.
+        """
+        return self.seed if self.distill.seed is None else self.distill.seed
+
     def distill_config(self, method: str, ipc: int) -> DistillConfig:
         """The ast_core DistillConfig of one (method, ipc) cell, checked against the buffer length."""
         hyper = self.distill.hyper_for(ipc)
@@ -260,7 +272,7 @@ class Params:
         switches = {k: v for k, v in dataclasses.asdict(chosen).items() if k not in ("buffer", "mct_anchors", "init")}
         key = f"distill.configs.{method} (ipc {ipc})"
         try:
-            config = DistillConfig(ipc=ipc, seed=self.seed, **dataclasses.asdict(hyper), **switches)
+            config = DistillConfig(ipc=ipc, seed=self.distill_seed, **dataclasses.asdict(hyper), **switches)
         except ValueError as error:
             raise ParamsError(f"{key}: {error}") from error
         needed = hyper.max_start_epoch + hyper.expert_epochs - (1 if chosen.sampling == "discrete" else 0)

@@ -61,6 +61,7 @@ BAD = [
     ("init.expert_index", 7, "init.expert_index"),
     ("distill.ipcs", [0], "distill.ipcs"),
     ("distill.methods", ["nope"], "distill.methods"),
+    ("distill.seed", -2, "distill.seed"),
     ("distill.hyper.lr_img", -100.0, "distill.configs.ast"),
     ("distill.hyper.max_start_epoch", 30, "distill.hyper.max_start_epoch"),
     ("distill.hyper.batch_syn", 0, "batch_syn"),
@@ -81,6 +82,15 @@ def test_bad_value_names_the_key(tmp_path: Path, key: str, value, message: str) 
     with pytest.raises(ParamsError) as error:
         load_params(write(tmp_path, with_change(key, value)))
     assert message in str(error.value)
+
+
+def test_distill_seed_seeds_only_distillation(tmp_path: Path) -> None:
+    default = load_params(ROOT / "params.yaml")
+    assert default.distill.seed is None and default.distill_config("ast", 10).seed == default.seed
+    data = with_change("distill.seed", 7)
+    seeded = load_params(write(tmp_path, data))
+    assert seeded.distill_seed == 7 and seeded.distill_config("ast", 10).seed == 7
+    assert seeded.seed == default.seed  # the split, experts and evaluation networks keep the top-level seed
 
 
 def test_mct_method_needs_its_anchors_built(tmp_path: Path) -> None:

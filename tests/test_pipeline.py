@@ -109,9 +109,12 @@ def test_dvc_experiment_lands_in_mlflow_with_its_name(project, first_run) -> Non
     import mlflow
 
     path, env = project
-    sh(["dvc", "exp", "run", "-n", "tiny-exp", "-S", "distill.hyper.lr_img=20"], path, env)
+    output = sh(["dvc", "exp", "run", "-n", "tiny-exp", "-S", "distill.seed=3"], path, env)
+    # a distillation seed reuses the split, the experts and the initialisation
+    assert ran_stages(output) == {"distill@ast-1", "distill@mtt-1", "evaluate@ast-1", "evaluate@mtt-1", "report"}
     mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ast-dd-tiny"], filter_string="tags.dvc_exp_name = 'tiny-exp'",
                               output_format="pandas")
     assert {"distill", "evaluate", "report"} <= set(runs["tags.stage"])
+    assert set(runs[runs["tags.stage"] == "distill"]["tags.distill_seed"]) == {"3"}
     assert "tiny-exp" in sh(["dvc", "exp", "show", "--no-pager", "--csv"], path, env)

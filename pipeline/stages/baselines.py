@@ -1,7 +1,8 @@
 """Stage `baselines`: coreset baselines (random, herding, k-center, k-means) and full-data training.
 
-Same evaluation protocol as the distilled sets, with lr = the expert lr (`distill.hyper.lr_teacher`, per ipc),
-features from the init stage's expert (`init.buffer`, `init.expert_index`).
+Same evaluation protocol as the distilled sets, with lr = the lr of the experts the features come from
+(`buffer.variants.<init.buffer>.lr`: real images are trained like the experts were), features from the init
+stage's expert (`init.buffer`, `init.expert_index`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def run(params: Params) -> None:
         data = load_prepared(params).data
         expert = final_expert(params, data.info, params.init.buffer, params.init.expert_index, device)
         features = batched_features(lambda x: expert.embed(x.to(device)).cpu(), data.train_x)
+        lr = params.buffer.variants[params.init.buffer].lr
         rows = []
         for ipc in params.distill.ipcs:
-            lr = params.distill.hyper_for(ipc).lr_teacher
             for method in ev.baselines:
                 index = select_coreset(method, data.train_x, data.train_y, data.info.num_classes, ipc,
                                        features=features, seed=params.seed)
@@ -49,7 +50,7 @@ def run(params: Params) -> None:
         full = None
         if ev.full_data_epochs:
             result = train_on_real(data, arch=params.model.arch, epochs=ev.full_data_epochs,
-                                   lr=params.distill.hyper.lr_teacher, num_models=1, seed=params.seed,
+                                   lr=lr, num_models=1, seed=params.seed,
                                    batch_size=ev.batch_size, device=str(device), width=params.model.width,
                                    progress=True)
             full = result.as_dict()

@@ -69,7 +69,7 @@ def run(params: Params, method: str, ipc: int) -> None:
               "eval": {"every": params.distill.eval_every, "models": params.distill.eval_models,
                        "iterations": params.distill.eval_iterations}}
     with tracking.stage_run("distill", params.tracking.experiment, f"distill-{method}-ipc{ipc}", logged,
-                            {"method": method, "ipc": str(ipc)}) as tracker:
+                            {"method": method, "ipc": str(ipc), "distill_seed": str(params.distill_seed)}) as tracker:
         prepared = load_prepared(params)
         data = prepared.data
         tag = convex_tag(chosen.mct_anchors, params.buffer.mct_beta) if chosen.mct_anchors else None
@@ -122,4 +122,5 @@ def initial_images(params: Params, init: str, ipc: int, data: DatasetSplits) -> 
             raise FileNotFoundError(f"{path} is missing: run the init stage first")
         indices = torch.tensor(json.loads(path.read_text())["indices"], dtype=torch.long)
         return SyntheticInit(data.train_x[indices].clone(), data.train_y[indices], indices)
-    return initial_synthetic_set(init, data.train_x, data.train_y, data.info.num_classes, ipc, seed=params.seed)
+    return initial_synthetic_set(init, data.train_x, data.train_y, data.info.num_classes, ipc,
+                                 seed=params.distill_seed)

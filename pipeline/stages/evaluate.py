@@ -37,7 +37,7 @@ def run(params: Params, method: str, ipc: int) -> None:
     with tracking.stage_run("evaluate", params.tracking.experiment, f"evaluate-{method}-ipc{ipc}",
                             {"method": method, "ipc": ipc, "evaluate": to_mapping(params.evaluate),
                              "model": to_mapping(params.model)},
-                            {"method": method, "ipc": str(ipc)}) as tracker:
+                            {"method": method, "ipc": str(ipc), "distill_seed": str(params.distill_seed)}) as tracker:
         data = load_prepared(params).data
         synthetic = load_file(str(source))
         lr = float(synthetic["syn_lr"][0])

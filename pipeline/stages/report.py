@@ -104,6 +104,27 @@ def experiments_frame(experiment: str) -> pd.DataFrame:
     return frame.sort_values(["ipc", "experiment", "method"])
 
 
+SEED_SUFFIX = r"-s\d+$"
+
+
+def seeds_frame(experiments: pd.DataFrame) -> pd.DataFrame:
+    """Experiments named `<name>-s<seed>` (`ast-dd ablate --seeds`) folded into one row per (name, method, ipc):
+    mean ± population std over the seeds of each seed's mean test accuracy, and the per-seed means."""
+    if not len(experiments):
+        return pd.DataFrame()
+    seeded = experiments[experiments["experiment"].str.contains(SEED_SUFFIX, regex=True)]
+    if not len(seeded):
+        return pd.DataFrame()
+    seeded = seeded.assign(group=seeded["experiment"].str.replace(SEED_SUFFIX, "", regex=True))
+    keys = ["group", "method", "ipc", "networks", "eval_iterations", "protocol"]
+    rows = []
+    for key, part in seeded.groupby(keys, sort=True):
+        rows.append({**dict(zip(keys, key, strict=True)), "seeds": len(part),
+                     "test_acc": pm(part["mean"].mean(), part["mean"].std(ddof=0)),
+                     "per_seed": " / ".join(f"{m:.2f}" for m in part["mean"])})
+    return pd.DataFrame(rows).sort_values(["ipc", "group", "method"])
+
+
 def figures() -> list[Path]:
     """Distillation curves per (method, ipc) and Avg_Var per epoch per buffer variant."""
     out: list[Path] = []
@@ -153,10 +174,14 @@ def run(params: Params) -> None:
                               f"Results on {params.data.dataset}", note)
         outputs += write_table(buffers_frame(), "buffers", "Expert buffers (AST Table VII layout)",
                                "Avg_Var = mean over epochs of |θ_t − θ_t+1|²; mean ± std over experts.")
-        outputs += write_table(experiments_frame(params.tracking.experiment).drop(columns=["mean"], errors="ignore"),
+        experiments = experiments_frame(params.tracking.experiment)
+        outputs += write_table(experiments.drop(columns=["mean"], errors="ignore"),
                                "experiments", "All DVC experiments in MLflow (ConvNet test accuracy)",
                                "Each row's evaluation protocol is in its networks / eval_iterations / protocol "
                                "columns; sets chosen on the validation split.")
+        outputs += write_table(seeds_frame(experiments), "seeds", "Ablations over distillation seeds",
+                               "Experiments `<name>-s<seed>` from `ast-dd ablate --seeds`: mean ± std over seeds of "
+                               "each seed's mean ConvNet test accuracy (networks per seed in `networks`).")
         outputs += figures()
         mlflow.log_artifacts(str(REPORT), "report")
         log.info("report written to %s (%d files)", REPORT, len(outputs))
