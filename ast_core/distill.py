@@ -182,6 +182,7 @@ class DistillResult:
     syn_lr: float
     history: list[dict[str, float]]
     best: dict[str, object] = field(default_factory=dict)  # best-by-validation images/lr/iteration/accuracy
+    validation: list[dict[str, float]] = field(default_factory=list)  # {"iteration": updates done, "val_acc"}
 
 
 def changed_settings(saved: dict[str, object], config: DistillConfig) -> list[str]:
@@ -201,8 +202,10 @@ class Distiller:
     """Learns synthetic images and the student lr alpha by matching expert trajectory segments.
 
     `trajectories` is a sequence of objects with `.at(t)` and `.num_epochs` (plain or convexified experts);
-    `evaluator(images, labels, lr) -> validation accuracy` is called every `eval_every` iterations and at the
-    end to keep the best synthetic set (model selection on validation, never on test).
+    `evaluator(images, labels, lr) -> validation accuracy` is called on the initial set, every `eval_every`
+    iterations and at the end, to keep the best synthetic set (model selection on validation, never on test;
+    the initial set is a candidate too, so distillation can never be reported better than it really is).
+    With `eval_every=0` only the final set is evaluated.
     """
 
     CHECKPOINT_NAME = "distill_checkpoint.pt"
@@ -245,6 +248,7 @@ class Distiller:
         self.iteration = 0
         self.history: list[dict[str, float]] = []
         self.best: dict[str, object] = {}
+        self.validation: list[dict[str, float]] = []
         self.nonfinite_streak = 0
 
     # -- sampling ------------------------------------------------------------------------------------------
@@ -356,6 +360,8 @@ class Distiller:
     def run(self, progress: bool = False) -> DistillResult:
         """Run (or resume) until `config.iterations`; returns final and best-by-validation sets."""
         self._resume()
+        if self.evaluator and self.eval_every and self.iteration == 0 and not self.validation:
+            self._evaluate()  # the starting set (iteration 0): the first point of the accuracy curve
         bar = tqdm(total=self.config.iterations, initial=self.iteration, disable=not progress, desc="distill")
         while self.iteration < self.config.iterations:
             record = self._step()
@@ -372,7 +378,7 @@ class Distiller:
         if self.evaluator and not self.best:
             self.history[-1]["val_acc"] = self._evaluate()
         return DistillResult(self.images.detach().clone(), self.labels.clone(), float(self.syn_lr.detach()),
-                             self.history, self.best)
+                             self.history, self.best, self.validation)
 
     def _track_nonfinite(self, record: dict[str, float]) -> None:
         if not record["skipped"]:
@@ -388,6 +394,7 @@ class Distiller:
     def _evaluate(self) -> float:
         assert self.evaluator is not None
         accuracy = float(self.evaluator(self.images.detach().clone(), self.labels, float(self.syn_lr.detach())))
+        self.validation.append({"iteration": self.iteration, "val_acc": accuracy})
         if not self.best or accuracy > float(self.best["val_acc"]):
             self.best = {"val_acc": accuracy, "iteration": self.iteration,
                          "images": self.images.detach().cpu().clone(), "syn_lr": float(self.syn_lr.detach())}
@@ -399,7 +406,7 @@ class Distiller:
                 "images": self.images.detach().cpu(), "syn_lr": self.syn_lr.detach().cpu(),
                 "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
                 "generator": self.generator.get_state(), "history": self.history, "best": self.best,
-                "nonfinite_streak": self.nonfinite_streak}
+                "validation": self.validation, "nonfinite_streak": self.nonfinite_streak}
 
     def save_checkpoint(self) -> None:
         if self.checkpoint_dir is None:
@@ -428,5 +435,6 @@ class Distiller:
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
         self.best = dict(state["best"])
+        self.validation = list(state.get("validation", []))
         self.nonfinite_streak = int(state["nonfinite_streak"])
         log.info("resumed distillation from %s at iteration %d", path, self.iteration)

@@ -57,9 +57,11 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write a list of dicts as CSV with the union of their keys as header (first-seen order)."""
-    fields: list[str] = []
+def atomic_write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]],
+                     columns: Sequence[str] = ()) -> Path:
+    """Write a list of dicts as CSV; header: `columns`, then the other keys of the rows in first-seen order
+    (so a file with no rows still names its columns)."""
+    fields: list[str] = list(columns)
     for row in rows:
         fields.extend(key for key in row if key not in fields)
 

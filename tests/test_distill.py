@@ -153,11 +153,30 @@ def test_persistent_nan_stops_with_a_clear_error(digits, digits_expert) -> None:
 
 
 def test_evaluator_keeps_the_best_set_by_validation_accuracy(digits, digits_expert) -> None:
-    scores = iter([10.0, 30.0, 20.0])
+    scores = iter([5.0, 10.0, 30.0, 20.0])
     distiller = make_distiller(digits, digits_expert, small_config(iterations=3),
                                evaluator=lambda images, labels, lr: next(scores), eval_every=1)
     result = distiller.run()
     assert result.best["val_acc"] == 30.0 and result.best["iteration"] == 2
+    assert [row["iteration"] for row in result.validation] == [0, 1, 2, 3]
+    assert [row["val_acc"] for row in result.validation] == [5.0, 10.0, 30.0, 20.0]
+
+
+def test_the_initial_set_is_a_selection_candidate(digits, digits_expert) -> None:
+    scores = iter([50.0, 10.0, 20.0])
+    seen = []
+
+    def evaluator(images, labels, lr):
+        seen.append(images.clone())
+        return next(scores)
+
+    distiller = make_distiller(digits, digits_expert, small_config(iterations=2), evaluator=evaluator,
+                               eval_every=1)
+    initial = distiller.images.detach().clone()
+    result = distiller.run()
+    assert result.best["iteration"] == 0 and result.best["val_acc"] == 50.0
+    assert torch.equal(result.best["images"], initial) and torch.equal(seen[0], initial)
+    assert not torch.equal(result.images, initial)  # the images did move; selection kept the start
 
 
 @pytest.mark.parametrize(("key", "value"), [("ipc", 0), ("lr_img", -1.0), ("sampling", "random"),

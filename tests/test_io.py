@@ -29,3 +29,10 @@ def test_written_files_get_umask_permissions(tmp_path) -> None:
 def test_csv_header_is_the_union_of_keys(tmp_path) -> None:
     path = atomic_write_csv(tmp_path / "rows.csv", [{"a": 1}, {"a": 2, "b": 3}])
     assert path.read_text().splitlines() == ["a,b", "1,", "2,3"]
+
+
+def test_csv_named_columns_come_first_and_survive_no_rows(tmp_path) -> None:
+    path = atomic_write_csv(tmp_path / "rows.csv", [{"b": 1, "a": 2, "c": 3}], columns=("a", "b"))
+    assert path.read_text().splitlines() == ["a,b,c", "2,1,3"]
+    empty = atomic_write_csv(tmp_path / "empty.csv", [], columns=("iteration", "val_acc"))
+    assert empty.read_text().splitlines() == ["iteration,val_acc"]

@@ -2,7 +2,8 @@
 
 Outputs (``artifacts/distill/<method>/ipc<k>/``): ``synthetic.safetensors`` (best-by-validation and final
 images in distillation space, labels, alpha), ``grid.png`` (best set, pixels after inverse ZCA),
-``history.csv`` (per iteration), ``result.json``. The resumable checkpoint lives in
+``history.csv`` (per iteration), ``validation.csv`` (validation accuracy after k updates, k = 0 is the
+initial set; AST Fig. 6), ``result.json``. The resumable checkpoint lives in
 ``artifacts/checkpoints/`` (not a DVC output), so a killed run continues where it stopped.
 """
 
@@ -32,8 +33,7 @@ from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
 
 log = logging.getLogger(__name__)
-SERIES = ("loss", "matching_loss", "inner_loss", "inner_loss_balanced", "syn_lr", "start_epoch", "val_acc",
-          "seconds")
+SERIES = ("loss", "matching_loss", "inner_loss", "inner_loss_balanced", "syn_lr", "start_epoch", "seconds")
 
 
 def discard_mismatched_checkpoint(config: DistillConfig, folder: Path) -> None:
@@ -99,17 +99,20 @@ def run(params: Params, method: str, ipc: int) -> None:
         save_image_grid(prepared.to_pixels(best_images), result.labels.cpu(), out / "grid.png",
                         data.info.num_classes)
         atomic_write_csv(out / "history.csv", result.history)
+        atomic_write_csv(out / "validation.csv", result.validation, columns=("iteration", "val_acc"))
         history = result.history
         summary = {"method": method, "ipc": ipc, "best_iteration": result.best.get("iteration"),
-                   "best_val_acc": result.best.get("val_acc"), "syn_lr": best_lr, "final_syn_lr": result.syn_lr,
+                   "best_val_acc": result.best.get("val_acc"),
+                   "initial_val_acc": next((r["val_acc"] for r in result.validation if r["iteration"] == 0), None),
+                   "syn_lr": best_lr, "final_syn_lr": result.syn_lr,
                    "iterations": config.iterations, "skipped_iterations": int(sum(r["skipped"] for r in history)),
                    "seconds_per_iteration": sum(r["seconds"] for r in history) / len(history),
                    "init": chosen.init, "buffer": chosen.buffer, "mct_anchors": chosen.mct_anchors}
         atomic_write_json(out / "result.json", summary)
-        tracker.log_series(result.history, [k for k in SERIES if k != "val_acc"], "iteration")
-        tracker.log_series([r for r in result.history if "val_acc" in r], ["val_acc"], "iteration")
+        tracker.log_series(result.history, SERIES, "iteration")
+        tracker.log_series(result.validation, ["val_acc"], "iteration")
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and k != "ipc"})
-        tracker.log_artifacts([out / "grid.png", out / "history.csv", out / "result.json"])
+        tracker.log_artifacts([out / "grid.png", out / "history.csv", out / "validation.csv", out / "result.json"])
         log.info("distilled %s ipc %d: best val acc %s at iteration %s", method, ipc, summary["best_val_acc"],
                  summary["best_iteration"])
 

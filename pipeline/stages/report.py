@@ -125,19 +125,26 @@ def seeds_frame(experiments: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["ipc", "group", "method"])
 
 
+def _cell(path: Path) -> str:
+    """'<method> ipc<k>' from artifacts/distill/<method>/ipc<k>/<file>."""
+    return f"{path.parent.parent.name} ipc{path.parent.name[3:]}"
+
+
 def figures() -> list[Path]:
     """Distillation curves per (method, ipc) and Avg_Var per epoch per buffer variant."""
     out: list[Path] = []
-    histories = {f"{p.parent.parent.name} ipc{p.parent.name[3:]}": pd.read_csv(p)
-                 for p in sorted(DISTILL.glob("*/ipc*/history.csv"))}
+    histories = {_cell(p): pd.read_csv(p) for p in sorted(DISTILL.glob("*/ipc*/history.csv"))}
     for key, history in histories.items():
-        columns = [c for c in ("iteration", "matching_loss", "syn_lr", "inner_loss", "val_acc") if c in history]
+        columns = [c for c in ("iteration", "matching_loss", "syn_lr", "inner_loss") if c in history]
         curve = CURVES / f"{key.replace(' ', '-')}.csv"
         atomic_write_with(curve, lambda tmp, h=history[columns]: h.to_csv(tmp, index=False))
         out.append(curve)
+    val = {}
+    for path in sorted(DISTILL.glob("*/ipc*/validation.csv")):
+        frame = pd.read_csv(path)
+        if len(frame):  # no rows when the cell ran without a validation evaluator
+            val[_cell(path)] = (frame["iteration"], frame["val_acc"])
     if histories:
-        val = {k: (h.dropna(subset=["val_acc"])["iteration"], h.dropna(subset=["val_acc"])["val_acc"])
-               for k, h in histories.items() if "val_acc" in h}
         specs = [("accuracy_vs_iteration.png", val, "validation accuracy (%)", "accuracy vs iteration (AST Fig. 6)",
                   False),
                  ("syn_lr.png", {k: (h["iteration"], h["syn_lr"]) for k, h in histories.items()}, "alpha",
