@@ -113,6 +113,12 @@ class BufferParams:
                 raise ParamsError(f"buffer.variants.{name}.lr_decay_epoch: {variant.lr_decay_epoch} must be < "
                                   f"buffer.epochs ({self.epochs})")
 
+    def variant(self, name: str) -> ExpertConfig:
+        """The expert settings of `buffer.variants.<name>` (KeyError names the undefined variant)."""
+        if name not in self.variants:
+            raise KeyError(f"buffer.variants.{name} is not defined ({', '.join(self.variants)})")
+        return expert_variant(name, self.variants[name])
+
 
 @dataclass(frozen=True)
 class InitParams:

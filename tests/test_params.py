@@ -93,6 +93,15 @@ def test_distill_seed_seeds_only_distillation(tmp_path: Path) -> None:
     assert seeded.seed == default.seed  # the split, experts and evaluation networks keep the top-level seed
 
 
+def test_buffer_variant_gives_the_expert_settings() -> None:
+    params = load_params(ROOT / "params.yaml")
+    ast = params.buffer.variant("ast")
+    assert (ast.lr, ast.momentum, ast.grad_penalty, ast.clip_ce) == (0.01, 0.9, True, True)
+    assert params.buffer.variant("sgd").momentum == 0.0
+    with pytest.raises(KeyError, match="buffer.variants.adam"):
+        params.buffer.variant("adam")
+
+
 def test_mct_method_needs_its_anchors_built(tmp_path: Path) -> None:
     data = with_change("distill.methods", ["mct4"])
     data["buffer"]["train"] = ["ast", "sgd"]

@@ -33,7 +33,7 @@ def run(params: Params) -> None:
         data = load_prepared(params).data
         expert = final_expert(params, data.info, params.init.buffer, params.init.expert_index, device)
         features = batched_features(lambda x: expert.embed(x.to(device)).cpu(), data.train_x)
-        lr = params.buffer.variants[params.init.buffer].lr
+        lr = params.buffer.variant(params.init.buffer).lr
         rows = []
         for ipc in params.distill.ipcs:
             for method in ev.baselines:

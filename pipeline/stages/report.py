@@ -19,7 +19,7 @@ import pandas as pd
 from ast_core.io import atomic_write_text, atomic_write_with
 from ast_core.viz import plot_curves
 from pipeline import tracking
-from pipeline.layout import BASELINES, BUFFER, DISTILL, EVALUATE, REPORT
+from pipeline.layout import BASELINES, BUFFER, DISTILL, EVALUATE, REPORT, distill_dir
 from pipeline.params import Params
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,11 @@ def results_frame() -> tuple[pd.DataFrame, str]:
     for path in sorted(EVALUATE.glob("*/ipc*/metrics.json")):
         metrics = json.loads(path.read_text())
         note = metrics["protocol"]
+        selected = _selected_iteration(metrics["method"], metrics["ipc"])
         for arch, result in metrics["results"].items():
             rows.append({"method": metrics["method"], "ipc": metrics["ipc"], "arch": arch,
                          "test_acc": pm(result["mean"], result["std"]), "mean": result["mean"], "std": result["std"],
-                         "models": len(result["accuracies"]), "lr": metrics["syn_lr"]})
+                         "models": len(result["accuracies"]), "lr": metrics["syn_lr"], "selected_iteration": selected})
     baseline_file = BASELINES / "metrics.json"
     if baseline_file.is_file():
         baselines = json.loads(baseline_file.read_text())
@@ -67,6 +68,12 @@ def results_frame() -> tuple[pd.DataFrame, str]:
     if len(frame):
         frame = frame.sort_values(["ipc", "arch", "mean"], ascending=[True, True, False], key=_sort_key)
     return frame, note
+
+
+def _selected_iteration(method: str, ipc: int) -> int | None:
+    """The distillation iteration whose set was kept on validation (0 = the initial set, not improved on)."""
+    path = distill_dir(method, ipc) / "result.json"
+    return json.loads(path.read_text()).get("best_iteration") if path.is_file() else None
 
 
 def _sort_key(column: pd.Series) -> pd.Series:
