@@ -65,6 +65,8 @@ def results_frame() -> tuple[pd.DataFrame, str]:
                          "test_acc": pm(full["mean"], full["std"]), "mean": full["mean"], "std": full["std"],
                          "models": len(full["accuracies"]), "lr": full["lr"]})
     frame = pd.DataFrame(rows)
+    if "selected_iteration" in frame:  # real subsets have none
+        frame["selected_iteration"] = ["" if pd.isna(v) else str(int(v)) for v in frame["selected_iteration"]]
     if len(frame):
         frame = frame.sort_values(["ipc", "arch", "mean"], ascending=[True, True, False], key=_sort_key)
     return frame, note
