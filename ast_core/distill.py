@@ -368,7 +368,7 @@ class Distiller:
             self._track_nonfinite(record)
             self.iteration += 1
             if self.evaluator and self.eval_every and self.iteration % self.eval_every == 0:
-                record["val_acc"] = self._evaluate()
+                self._evaluate()
             self.history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['matching_loss']:.4f}", lr=f"{record['syn_lr']:.2e}")
@@ -376,7 +376,7 @@ class Distiller:
                 self.save_checkpoint()
         bar.close()
         if self.evaluator and not self.best:
-            self.history[-1]["val_acc"] = self._evaluate()
+            self._evaluate()
         return DistillResult(self.images.detach().clone(), self.labels.clone(), float(self.syn_lr.detach()),
                              self.history, self.best, self.validation)
 
@@ -391,14 +391,14 @@ class Distiller:
             raise NonFiniteError(f"{self.nonfinite_streak} consecutive iterations were non-finite; lower lr_img "
                                  "or lr_lr, or check the expert buffer. The last good images are in the checkpoint.")
 
-    def _evaluate(self) -> float:
+    def _evaluate(self) -> None:
+        """Validation accuracy of the current set, appended to `validation`; keeps the best set so far."""
         assert self.evaluator is not None
         accuracy = float(self.evaluator(self.images.detach().clone(), self.labels, float(self.syn_lr.detach())))
         self.validation.append({"iteration": self.iteration, "val_acc": accuracy})
         if not self.best or accuracy > float(self.best["val_acc"]):
             self.best = {"val_acc": accuracy, "iteration": self.iteration,
                          "images": self.images.detach().cpu().clone(), "syn_lr": float(self.syn_lr.detach())}
-        return accuracy
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _state(self) -> dict[str, object]:

@@ -32,24 +32,11 @@ from reference_step import ReparamModule, reference_gradients  # benchmarks/ is 
 import ast_core.distill as distill
 from ast_core.augment import DSA
 from ast_core.models import FlatModel, build_model
+from ast_core.trajectory import PlainTrajectory
 
 METHODS = ("reference", "ours", "ours-no-reuse", "tesla", "ours-ast")
 NUM_CLASSES = 10
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
-
-
-class Checkpoints:
-    """An expert segment of len(points) - 1 epochs, read at integer epochs."""
-
-    def __init__(self, points: list[torch.Tensor]) -> None:
-        self.points = points
-
-    @property
-    def num_epochs(self) -> int:
-        return len(self.points) - 1
-
-    def at(self, t: float) -> torch.Tensor:
-        return self.points[int(t)]
 
 
 def _rss_mb() -> float:
@@ -92,7 +79,7 @@ def _iteration(method: str, ipc: int, channels: int, size: int, syn_steps: int,
     config = distill.DistillConfig(ipc=ipc, syn_steps=syn_steps, expert_epochs=expert_epochs, max_start_epoch=1,
                                    lr_teacher=0.01, dsa_strategy=STRATEGY,
                                    gradient="tesla" if method == "tesla" else "unroll", **modules)
-    distiller = distill.Distiller(config, [Checkpoints(points)], flat_model, images, labels, device)
+    distiller = distill.Distiller(config, [PlainTrajectory(points)], flat_model, images, labels, device)
     return distiller._step
 
 

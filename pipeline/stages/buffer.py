@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -25,9 +26,10 @@ SIGNATURE = "data_signature.json"
 
 
 def expert_config(params: Params, variant: str) -> ExpertConfig:
-    return ExpertConfig(arch=params.model.arch, width=params.model.width, depth=params.model.depth,
-                        epochs=params.buffer.epochs, batch_size=params.buffer.batch_size, zca=params.data.zca,
-                        **params.buffer.variants[variant])
+    """The variant's expert settings with the shared model/buffer/data keys filled in."""
+    return dataclasses.replace(params.buffer.variant(variant), arch=params.model.arch, width=params.model.width,
+                               depth=params.model.depth, epochs=params.buffer.epochs,
+                               batch_size=params.buffer.batch_size, zca=params.data.zca)
 
 
 def data_signature(params: Params) -> dict:
