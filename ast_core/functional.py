@@ -115,13 +115,20 @@ def _pool(x: Tensor) -> Tensor:
     return (rows[:, :, :, 0] + rows[:, :, :, 1]).mul_(0.25)
 
 
-def _pool_grad(grad: Tensor, like: Tensor) -> Tensor:
-    """Backward of `_pool`: `grad` / 4 spread over the 2x2 windows of a map shaped like `like`."""
-    n, c, h, w = like.shape
+def _masked_pool_grad(grad: Tensor, activation: Tensor) -> Tensor:
+    """Backward of ReLU then `_pool`: `grad` / 4 spread over each 2x2 window, 0 where `activation` <= 0.
+
+    `activation` may be the ReLU's input or output (same mask). On even maps the column spread copies the pooled
+    map (half the full size) and the row spread is a broadcast inside the masking op, so the full-size map is
+    written once.
+    """
+    n, c, h, w = activation.shape
     if h % 2 or w % 2:
-        return _aten.avg_pool2d_backward(grad, like, [2, 2], [2, 2], [0, 0], False, True, None)
-    cols = (grad * 0.25).unsqueeze(-1).expand(n, c, h // 2, w // 2, 2).reshape(n, c, h // 2, 1, w)
-    return cols.expand(n, c, h // 2, 2, w).reshape(n, c, h, w)
+        spread = _aten.avg_pool2d_backward(grad, activation, [2, 2], [2, 2], [0, 0], False, True, None)
+        return _relu_grad(spread, activation)
+    quarter = grad * 0.25
+    rows = torch.stack([quarter, quarter], -1).view(n, c, h // 2, 1, w).expand(n, c, h // 2, 2, w)
+    return _relu_grad(rows, activation.view(n, c, h // 2, 2, w)).view(n, c, h, w)
 
 
 def _relu_grad(grad: Tensor, activation: Tensor) -> Tensor:
@@ -131,6 +138,15 @@ def _relu_grad(grad: Tensor, activation: Tensor) -> Tensor:
 
 def _mean_hw(t: Tensor) -> Tensor:
     return t.mean((2, 3), keepdim=True)
+
+
+def _sum_hw(t: Tensor) -> Tensor:
+    return t.sum((2, 3), keepdim=True)
+
+
+def _dot_hw(a: Tensor, b: Tensor) -> Tensor:
+    """sum over space of a * b per sample and channel, (n, c, 1, 1), without materialising the product."""
+    return torch.linalg.vecdot(a.flatten(2), b.flatten(2))[..., None, None]
 
 
 def _per_channel(t: Tensor) -> Tensor:
@@ -153,88 +169,103 @@ class ConvNetStepGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat: Tensor, x: Tensor, labels: Tensor,  # type: ignore[override]
                 layout: ConvNetLayout) -> tuple[Tensor, Tensor]:
-        grad = torch.zeros_like(flat)
-        inputs, normed, rstds, activations = [], [], [], []
-        h = x.contiguous()
-        for (w_slice, _, g_slice, b_slice), shape, padding in zip(layout.blocks, layout.weight_shapes,
-                                                                  layout.paddings, strict=True):
-            inputs.append(h)
-            xh, rstd = _instance_norm(_conv(h, flat[w_slice].view(shape), padding), layout.eps)
-            activation = _affine_relu(xh, flat[g_slice], flat[b_slice])
-            h = _pool(activation)
-            normed.append(xh)
-            rstds.append(rstd)
-            activations.append(activation)
-        w_slice, c_slice = layout.classifier
-        weight = flat[w_slice].view(layout.classifier_shape)
-        features = h.flatten(1)
-        log_probs = torch.log_softmax(torch.addmm(flat[c_slice], features, weight.t()), 1)
-        loss = F.nll_loss(log_probs, labels)
-        probs = log_probs.exp()
-        grad_logits = probs.clone()
-        grad_logits[torch.arange(len(labels), device=labels.device), labels] -= 1
-        grad_logits /= len(labels)
-        grad[w_slice] = (grad_logits.t() @ features).view(-1)
-        grad[c_slice] = grad_logits.sum(0)
-        grad_out = (grad_logits @ weight).view(h.shape)
-        block_grads: list[Tensor] = []
-        for index in reversed(range(len(layout.blocks))):
-            w_slice, _, g_slice, b_slice = layout.blocks[index]
-            block_grads.insert(0, grad_out)
-            xh = normed[index]
-            gz = _relu_grad(_pool_grad(grad_out, xh), activations[index])
-            sum_gz, sum_gz_xh = gz.sum((2, 3), keepdim=True), (gz * xh).sum((2, 3), keepdim=True)
-            grad[g_slice] = sum_gz_xh.sum(0).view(-1)
-            grad[b_slice] = sum_gz.sum(0).view(-1)
-            gh = _norm_input_grad(gz, xh, rstds[index], flat[g_slice], sum_gz, sum_gz_xh)
-            weight = flat[w_slice].view(layout.weight_shapes[index])
-            grad_out, grad_w = _conv_backward(gh, inputs[index], weight, layout.paddings[index], input_grad=index > 0)
-            grad[w_slice] = grad_w.reshape(-1)
+        grad, loss, saved = _forward_pass(flat, x.contiguous(), labels, layout)
         ctx.layout = layout
-        ctx.save_for_backward(flat, features, probs, grad_logits, *inputs, *normed, *rstds, *block_grads)
+        ctx.save_for_backward(flat, *saved)
         ctx.mark_non_differentiable(loss)
         return grad, loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, v: Tensor, _: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
-        layout: ConvNetLayout = ctx.layout
-        depth = len(layout.blocks)
-        flat, features, probs, grad_logits, *rest = ctx.saved_tensors
-        inputs, normed, rstds, block_grads = (rest[i * depth:(i + 1) * depth] for i in range(4))
+        flat, *saved = ctx.saved_tensors
         need_theta, need_x = ctx.needs_input_grad[:2]
-        out = torch.zeros_like(flat) if need_theta else None
-        activations = [_affine_relu(xh, flat[g_slice], flat[b_slice])
+        out, d_x = _backward_pass(flat, v, saved, ctx.layout, need_theta, need_x)
+        return out, d_x, None, None
+
+
+def _forward_pass(flat: Tensor, x: Tensor, labels: Tensor,
+                  layout: ConvNetLayout) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(g, ce, tensors the backward pass needs): the step's forward and backward pass, no autograd graph."""
+    grad = torch.zeros_like(flat)
+    inputs, normed, rstds, activations = [], [], [], []
+    h = x
+    for (w_slice, _, g_slice, b_slice), shape, padding in zip(layout.blocks, layout.weight_shapes,
+                                                              layout.paddings, strict=True):
+        inputs.append(h)
+        xh, rstd = _instance_norm(_conv(h, flat[w_slice].view(shape), padding), layout.eps)
+        activation = _affine_relu(xh, flat[g_slice], flat[b_slice])
+        h = _pool(activation)
+        normed.append(xh)
+        rstds.append(rstd)
+        activations.append(activation)
+    w_slice, c_slice = layout.classifier
+    weight = flat[w_slice].view(layout.classifier_shape)
+    features = h.flatten(1)
+    log_probs = torch.log_softmax(torch.addmm(flat[c_slice], features, weight.t()), 1)
+    loss = F.nll_loss(log_probs, labels)
+    probs = log_probs.exp()
+    grad_logits = probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)
+    grad_logits /= len(labels)
+    grad[w_slice] = (grad_logits.t() @ features).view(-1)
+    grad[c_slice] = grad_logits.sum(0)
+    grad_out = (grad_logits @ weight).view(h.shape)
+    block_grads: list[Tensor] = []
+    grad_sums: list[Tensor] = []  # per block: sum(gz) and sum(gz xh) stacked, reused by the backward pass
+    for index in reversed(range(len(layout.blocks))):
+        w_slice, _, g_slice, b_slice = layout.blocks[index]
+        block_grads.insert(0, grad_out)
+        xh = normed[index]
+        gz = _masked_pool_grad(grad_out, activations[index])
+        sum_gz, sum_gz_xh = _sum_hw(gz), _dot_hw(gz, xh)
+        grad_sums.insert(0, torch.stack([sum_gz, sum_gz_xh]))
+        grad[g_slice] = sum_gz_xh.sum(0).view(-1)
+        grad[b_slice] = sum_gz.sum(0).view(-1)
+        gh = _norm_input_grad(gz, xh, rstds[index], flat[g_slice], sum_gz, sum_gz_xh)
+        weight = flat[w_slice].view(layout.weight_shapes[index])
+        grad_out, grad_w = _conv_backward(gh, inputs[index], weight, layout.paddings[index], input_grad=index > 0)
+        grad[w_slice] = grad_w.reshape(-1)
+    return grad, loss, [features, probs, grad_logits, *inputs, *normed, *rstds, *block_grads, *grad_sums]
+
+
+def _backward_pass(flat: Tensor, v: Tensor, saved: list[Tensor], layout: ConvNetLayout, need_theta: bool,
+                   need_x: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(v^T dg/dtheta, v^T dg/dx): the tangent forward pass in direction v, then the tangent backward pass."""
+    depth = len(layout.blocks)
+    features, probs, grad_logits, *rest = saved
+    inputs, normed, rstds, block_grads, grad_sums = (rest[i * depth:(i + 1) * depth] for i in range(5))
+    out = torch.zeros_like(flat) if need_theta else None
+    # the ReLU inputs: only their sign is used (as the mask), so the clamp is skipped
+    pre_activations = [torch.addcmul(_per_channel(flat[b_slice]), xh, _per_channel(flat[g_slice]))
                        for xh, (_, _, g_slice, b_slice) in zip(normed, layout.blocks, strict=True)]
-        # tangent forward pass in the direction theta + e v
-        tangent_in: Tensor | None = None
-        saved_tangents = []
-        for index, ((w_slice, _, g_slice, b_slice), shape, padding) in enumerate(
-                zip(layout.blocks, layout.weight_shapes, layout.paddings, strict=True)):
-            dh = _conv(inputs[index], v[w_slice].view(shape), padding)
-            if tangent_in is not None:
-                dh += _conv(tangent_in, flat[w_slice].view(shape), padding)
-            xh, rstd, gamma = normed[index], rstds[index], _per_channel(flat[g_slice])
-            mean, q = _mean_hw(dh), rstd * _mean_hw(xh * dh)
-            # dz = dbeta + dgamma xh + gamma dxh with dxh = r dh - q xh - r mean(dh), never materialised
-            dz = torch.addcmul(_per_channel(v[b_slice]) - gamma * rstd * mean, dh, gamma * rstd)
-            dz.addcmul_(xh, _per_channel(v[g_slice]) - gamma * q)
-            saved_tangents.append((tangent_in, dh, mean, q))
-            tangent_in = _pool(_relu_grad(dz, activations[index]))
-        w_slice, c_slice = layout.classifier
-        weight, d_weight = flat[w_slice].view(layout.classifier_shape), v[w_slice].view(layout.classifier_shape)
-        d_features = tangent_in.flatten(1)
-        d_logits = torch.addmm(v[c_slice], d_features, weight.t()).addmm_(features, d_weight.t())
-        d_grad_logits = probs * (d_logits - (probs * d_logits).sum(1, keepdim=True)) / len(probs)
-        if out is not None:
-            out[w_slice] = (d_grad_logits.t() @ features + grad_logits.t() @ d_features).view(-1)
-            out[c_slice] = d_grad_logits.sum(0)
-        d_grad_out = (d_grad_logits @ weight + grad_logits @ d_weight).view(block_grads[-1].shape)
-        for index in reversed(range(depth)):
-            d_grad_out = _block_r_backward(layout, index, flat, v, out, inputs[index], normed[index], rstds[index],
-                                           activations[index], block_grads[index], d_grad_out,
-                                           *saved_tangents[index], need_input=bool(index) or need_x)
-        return out, d_grad_out, None, None
+    tangent_in: Tensor | None = None
+    saved_tangents = []
+    for index, ((w_slice, _, g_slice, b_slice), shape, padding) in enumerate(
+            zip(layout.blocks, layout.weight_shapes, layout.paddings, strict=True)):
+        dh = _conv(inputs[index], v[w_slice].view(shape), padding)
+        if tangent_in is not None:
+            dh += _conv(tangent_in, flat[w_slice].view(shape), padding)
+        xh, rstd, gamma = normed[index], rstds[index], _per_channel(flat[g_slice])
+        mean, q = _mean_hw(dh), rstd * _dot_hw(xh, dh) / (dh.shape[2] * dh.shape[3])
+        # dz = dbeta + dgamma xh + gamma dxh with dxh = r dh - q xh - r mean(dh), never materialised
+        dz = torch.addcmul(_per_channel(v[b_slice]) - gamma * rstd * mean, dh, gamma * rstd)
+        dz.addcmul_(xh, _per_channel(v[g_slice]) - gamma * q)
+        saved_tangents.append((tangent_in, dh, mean, q))
+        tangent_in = _pool(_relu_grad(dz, pre_activations[index]))
+    w_slice, c_slice = layout.classifier
+    weight, d_weight = flat[w_slice].view(layout.classifier_shape), v[w_slice].view(layout.classifier_shape)
+    d_features = tangent_in.flatten(1)
+    d_logits = torch.addmm(v[c_slice], d_features, weight.t()).addmm_(features, d_weight.t())
+    d_grad_logits = probs * (d_logits - (probs * d_logits).sum(1, keepdim=True)) / len(probs)
+    if out is not None:
+        out[w_slice] = (d_grad_logits.t() @ features + grad_logits.t() @ d_features).view(-1)
+        out[c_slice] = d_grad_logits.sum(0)
+    d_grad_out = (d_grad_logits @ weight + grad_logits @ d_weight).view(block_grads[-1].shape)
+    for index in reversed(range(depth)):
+        d_grad_out = _block_r_backward(layout, index, flat, v, out, inputs[index], normed[index], rstds[index],
+                                       pre_activations[index], block_grads[index], grad_sums[index], d_grad_out,
+                                       *saved_tangents[index], need_input=bool(index) or need_x)
+    return out, d_grad_out
 
 
 def _instance_norm(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -258,8 +289,9 @@ def _norm_input_grad(gz: Tensor, xh: Tensor, rstd: Tensor, gamma: Tensor, sum_gz
 
 
 def _block_r_backward(layout: ConvNetLayout, index: int, flat: Tensor, v: Tensor, out: Tensor | None,
-                      x: Tensor, xh: Tensor, rstd: Tensor, activation: Tensor, grad_out: Tensor, d_grad_out: Tensor,
-                      dx: Tensor | None, dh: Tensor, mean: Tensor, q: Tensor, need_input: bool) -> Tensor | None:
+                      x: Tensor, xh: Tensor, rstd: Tensor, pre_activation: Tensor, grad_out: Tensor,
+                      grad_sums: Tensor, d_grad_out: Tensor, dx: Tensor | None, dh: Tensor, mean: Tensor, q: Tensor,
+                      need_input: bool) -> Tensor | None:
     """Tangent of one block's backward pass; writes the theta part into `out`, returns the input-grad tangent.
 
     With gx_hat = gamma gz, j = mean(gx_hat), k = mean(gx_hat xh), gh = r (gx_hat - j - xh k) and the tangent
@@ -273,12 +305,11 @@ def _block_r_backward(layout: ConvNetLayout, index: int, flat: Tensor, v: Tensor
     shape, padding = layout.weight_shapes[index], layout.paddings[index]
     gamma, d_gamma = _per_channel(flat[g_slice]), _per_channel(v[g_slice])
     size = xh.shape[2] * xh.shape[3]
-    gz = _relu_grad(_pool_grad(grad_out, xh), activation)
-    d_gz = _relu_grad(_pool_grad(d_grad_out, xh), activation)
-    sum_gz, sum_d_gz = gz.sum((2, 3), keepdim=True), d_gz.sum((2, 3), keepdim=True)
-    sum_gz_xh = (gz * xh).sum((2, 3), keepdim=True)
-    sum_d_gz_xh = (d_gz * xh).sum((2, 3), keepdim=True)
-    sum_gz_dxh = rstd * ((gz * dh).sum((2, 3), keepdim=True) - mean * sum_gz) - q * sum_gz_xh
+    gz = _masked_pool_grad(grad_out, pre_activation)
+    d_gz = _masked_pool_grad(d_grad_out, pre_activation)
+    sum_gz, sum_gz_xh = grad_sums
+    sum_d_gz, sum_d_gz_xh = _sum_hw(d_gz), _dot_hw(d_gz, xh)
+    sum_gz_dxh = rstd * (_dot_hw(gz, dh) - mean * sum_gz) - q * sum_gz_xh
     gh = _norm_input_grad(gz, xh, rstd, flat[g_slice], sum_gz, sum_gz_xh)
     # j, k and their tangents, per sample and channel
     d_j = (gamma * sum_d_gz + d_gamma * sum_gz) / size

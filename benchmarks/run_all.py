@@ -8,7 +8,10 @@
 (b) expert-epoch throughput with and without the gradient penalty (`bench_experts.py`);
 (c) trajectory bytes: plain 51 checkpoints vs MCT 2/4 anchors vs fp16, and load time (`bench_storage.py`);
 (d) train-on-synthetic evaluation throughput (`bench_evaluate.py`), and loading one expert vs one iteration;
-(e) plain MTT vs every per-iteration AST module on (`bench_distill.py --method ours|ours-ast`), same N and M.
+(e) plain MTT vs every per-iteration AST module on (`bench_distill.py --method ours|ours-ast`), same N and M;
+(f) the headline ratio (FMNIST ipc 10, N 20) from alternating reference/ours processes, and the speed-up
+    candidates measured against the step (`bench_candidates.py`: convolution share, channels_last,
+    torch.compile).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -161,11 +165,83 @@ def modules_table(args: argparse.Namespace) -> str:
     return "\n".join(rows)
 
 
+HEADLINE = ("FMNIST 1x28x28", 10, 20)
+# convolution calls per student step and block (forward pass + backward pass), first block / the others
+CONV_CALLS = {"forward": (2, 3), "weight_grad": (3, 3), "input_grad": (2, 3)}
+
+
+def headline_pairs(args: argparse.Namespace) -> str:
+    """Reference and ours alternated in fresh processes: one ratio per pair, so machine drift hits both alike."""
+    shape, ipc, steps = HEADLINE
+    channels, size = SHAPES[shape]
+    rows = ["| pair | reference s/it | ours s/it | speed-up | reference MB | ours MB |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ratios = []
+    for pair in range(1, args.pairs + 1):
+        ref, ours = (distill_cell(method, channels, size, ipc, steps, args.repeats, args.device)
+                     for method in ("reference", "ours"))
+        print(f"headline pair {pair}: {ref} / {ours}", file=sys.stderr, flush=True)
+        if "error" not in ref and "error" not in ours:
+            ratios.append(ref["seconds"] / ours["seconds"])
+        rows.append(f"| {pair} | {_cell_text(ref, 'seconds', '.2f')} | {_cell_text(ours, 'seconds', '.2f')} | "
+                    f"{_ratio(ref, ours, 'seconds')} | {_cell_text(ref, 'memory_mb', ',.0f')} | "
+                    f"{_cell_text(ours, 'memory_mb', ',.0f')} |")
+    summary = (f"Median speed-up over {len(ratios)} pairs: {statistics.median(ratios):.2f}x "
+               f"(range {min(ratios):.2f}x to {max(ratios):.2f}x)." if ratios else "No pair finished.")
+    return "\n".join(rows) + "\n\n" + summary
+
+
+def candidates(args: argparse.Namespace) -> str:
+    """Part (f) after the pairs: convolution share, channels_last per convolution, torch.compile (CPU only)."""
+    if args.device.startswith("cuda"):
+        return "Not run on GPU (the candidates here are CPU ones; bf16 and CUDA graphs are not implemented)."
+    shape, ipc, steps = HEADLINE
+    common = ["--ipc", str(ipc), "--syn-steps", str(steps)]
+    results = {}
+    for part in ("conv-share", "layout", "compile"):
+        output = run_script("bench_candidates.py", part, *common)
+        try:
+            results[part] = json.loads(output.splitlines()[-1])
+        except (json.JSONDecodeError, IndexError):
+            return f"`bench_candidates.py {part}` gave no result: {output[-200:]}"
+        print(f"candidates {part}: {results[part]}", file=sys.stderr, flush=True)
+    share, layouts, compiled = results["conv-share"], results["layout"], results["compile"]
+    rows = ["| block | call | NCHW ms | channels_last ms | channels_last / NCHW |",
+            "| --- | --- | ---: | ---: | ---: |"]
+    per_step = {"nchw": 0.0, "channels_last": 0.0}
+    for position, block in enumerate(name for name in layouts if name.startswith("block")):
+        for call, counts in CONV_CALLS.items():
+            times = {fmt: layouts[block][f"{call}/{fmt}"] for fmt in per_step}
+            for fmt in per_step:
+                per_step[fmt] += counts[min(position, 1)] * times[fmt]
+            rows.append(f"| {block} | {call} | {times['nchw']:.1f} | {times['channels_last']:.1f} | "
+                        f"{times['channels_last'] / times['nchw']:.2f} |")
+    left = share["seconds"] - share["conv_seconds"]
+    return f"""Convolution share ({shape}, ipc {ipc}, N {steps}, `bench_candidates.py conv-share`): one iteration
+of ours takes {share['seconds']:.2f} s, of which {share['conv_seconds']:.2f} s ({100 * share['conv_share']:.0f} %) is
+inside the step's convolution calls. The reference makes the same calls, so at most {left:.2f} s per iteration is
+left to any further speed-up of ours that keeps the math.
+
+channels_last (`bench_candidates.py layout`, batch {10 * ipc}, min of 3 interleaved calls):
+
+{chr(10).join(rows)}
+
+Per student step, weighted by how often the step makes each call: NCHW {per_step['nchw']:.0f} ms, channels_last
+{per_step['channels_last']:.0f} ms ({per_step['channels_last'] / per_step['nchw']:.2f}x), before the layout conversions
+and the slower strided reductions a channels_last step would add.
+
+torch.compile of both passes (`bench_candidates.py compile`, inductor, median of 3 interleaved iterations):
+eager {compiled['eager_seconds']:.2f} s/it, compiled {compiled['compiled_seconds']:.2f} s/it
+({compiled['eager_seconds'] / compiled['compiled_seconds']:.2f}x); the first compiled iteration took
+{compiled["first_compiled_seconds"]:.0f} s (compilation, or loading inductor's on-disk cache)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small grid, 1 timed repeat (CPU: ~30 min)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed iterations per cell (default 1 quick, 2)")
+    parser.add_argument("--pairs", type=int, default=3, help="alternating reference/ours pairs for the headline")
     parser.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = parser.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 2)
@@ -178,6 +254,8 @@ def main() -> None:
                           "--device", args.device)
     loading = load_vs_iteration(args, storage, cells)
     modules = modules_table(args)
+    pairs = headline_pairs(args)
+    tried = candidates(args)
     command = shlex.join([os.path.relpath(sys.executable, HERE.parent), "benchmarks/run_all.py", *sys.argv[1:]])
     text = f"""# Benchmarks
 
@@ -226,6 +304,15 @@ intermediate matching (Eq. 22, M - 1 extra parameter distances), filter-normalis
 Ratios are AST / plain (1.00x = no overhead).
 
 {modules}
+
+## (f) Headline ratio and the speed-up candidates
+
+Reference vs ours, {HEADLINE[0]}, ipc {HEADLINE[1]}, N {HEADLINE[2]}, alternated in fresh processes (median of
+{args.repeats} timed iteration(s) each): the ratio of a pair is measured under the same machine state.
+
+{pairs}
+
+{tried}
 """
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}", file=sys.stderr)
