@@ -9,6 +9,10 @@ needs M >= 2; compare `ours` and `ours-ast` at the same M). ConvNet-3 width 128,
 10 classes of random images, all images per student step, DSA `color_crop_cutout_flip_scale_rotate`, one
 matched expert epoch. One warm-up iteration, then `--repeats` timed ones (the median is reported).
 
+`--count-flops` runs one more iteration under `torch.utils.flop_counter.FlopCounterMode` and adds the dense
+FLOPs it counts (convolutions, matrix products; elementwise work is not counted) to the result, so the share of a
+device's peak can be computed from a count rather than a guess.
+
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` during the timed iterations; on CPU the process's peak
 resident set (`ru_maxrss`) minus the resident set before the first iteration, so run one setting per fresh
 process (`run_all.py` does).
@@ -28,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 from reference_step import ReparamModule, reference_gradients  # benchmarks/ is on sys.path as the script's folder
+from torch.utils.flop_counter import FlopCounterMode
 
 import ast_core.distill as distill
 from ast_core.augment import DSA
@@ -83,9 +88,21 @@ def _iteration(method: str, ipc: int, channels: int, size: int, syn_steps: int,
     return distiller._step
 
 
+def count_flops(iteration: Callable[[], None]) -> dict[str, int]:
+    """Dense FLOPs of one call of `iteration`: {"flops": all counted ops, "conv_flops": convolutions only}."""
+    with FlopCounterMode(display=False) as counter:
+        iteration()
+    counts = counter.get_flop_counts()["Global"]
+    return {"flops": counter.get_total_flops(),
+            "conv_flops": sum(flops for op, flops in counts.items() if "convolution" in str(op))}
+
+
 def run_cell(method: str, ipc: int, channels: int, size: int, syn_steps: int, repeats: int,
-             device: str, expert_epochs: int = 1) -> dict[str, object]:
-    """Time one setting in this process: {"seconds": median s/iteration, "memory_mb": peak, ...}."""
+             device: str, expert_epochs: int = 1, flops: bool = False) -> dict[str, object]:
+    """Time one setting in this process: {"seconds": median s/iteration, "memory_mb": peak, ...}.
+
+    With `flops`, one more (untimed) iteration counts the FLOPs per iteration (`count_flops`).
+    """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; allowed: {', '.join(METHODS)}")
     torch_device = torch.device(device)
@@ -109,7 +126,8 @@ def run_cell(method: str, ipc: int, channels: int, size: int, syn_steps: int, re
         torch.cuda.reset_peak_memory_stats()
     seconds = [timed() for _ in range(repeats)]
     memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb() - baseline
-    return {"method": method, "ipc": ipc, "channels": channels, "size": size, "syn_steps": syn_steps,
+    counted = count_flops(iteration) if flops else {}
+    return {**counted, "method": method, "ipc": ipc, "channels": channels, "size": size, "syn_steps": syn_steps,
             "expert_epochs": expert_epochs,
             "seconds": statistics.median(seconds), "all_seconds": seconds, "warm_up_seconds": warm_up,
             "memory_mb": memory, "threads": torch.get_num_threads(), "device": device}
@@ -125,10 +143,11 @@ def main() -> None:
     parser.add_argument("--expert-epochs", type=int, default=1, help="M, matched expert epochs")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--count-flops", action="store_true", help="add FLOPs per iteration (one more iteration)")
     args = parser.parse_args()
     try:
         result = run_cell(args.method, args.ipc, args.channels, args.size, args.syn_steps, args.repeats,
-                          args.device, args.expert_epochs)
+                          args.device, args.expert_epochs, args.count_flops)
     except torch.cuda.OutOfMemoryError:
         result = {"method": args.method, "error": "out of memory"}
     print(json.dumps(result))

@@ -68,10 +68,11 @@ def run_script(script: str, *args: str) -> str:
 
 
 def distill_cell(method: str, channels: int, size: int, ipc: int, steps: int, repeats: int, device: str,
-                 expert_epochs: int = 1) -> Cell:
+                 expert_epochs: int = 1, count_flops: bool = False) -> Cell:
     output = run_script("bench_distill.py", "--method", method, "--ipc", str(ipc), "--channels", str(channels),
                         "--size", str(size), "--syn-steps", str(steps), "--repeats", str(repeats),
-                        "--device", device, "--expert-epochs", str(expert_epochs))
+                        "--device", device, "--expert-epochs", str(expert_epochs),
+                        *(["--count-flops"] if count_flops else []))
     try:
         return json.loads(output.splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
@@ -176,19 +177,35 @@ def headline_pairs(args: argparse.Namespace) -> str:
     channels, size = SHAPES[shape]
     rows = ["| pair | reference s/it | ours s/it | speed-up | reference MB | ours MB |",
             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-    ratios = []
+    ratios, ours_seconds, flops = [], [], None
     for pair in range(1, args.pairs + 1):
-        ref, ours = (distill_cell(method, channels, size, ipc, steps, args.repeats, args.device)
+        ref, ours = (distill_cell(method, channels, size, ipc, steps, args.repeats, args.device,
+                                  count_flops=method == "ours" and pair == 1)
                      for method in ("reference", "ours"))
+        flops = ours.get("flops", flops)
         print(f"headline pair {pair}: {ref} / {ours}", file=sys.stderr, flush=True)
         if "error" not in ref and "error" not in ours:
             ratios.append(ref["seconds"] / ours["seconds"])
+            ours_seconds.append(ours["seconds"])
         rows.append(f"| {pair} | {_cell_text(ref, 'seconds', '.2f')} | {_cell_text(ours, 'seconds', '.2f')} | "
                     f"{_ratio(ref, ours, 'seconds')} | {_cell_text(ref, 'memory_mb', ',.0f')} | "
                     f"{_cell_text(ours, 'memory_mb', ',.0f')} |")
     summary = (f"Median speed-up over {len(ratios)} pairs: {statistics.median(ratios):.2f}x "
                f"(range {min(ratios):.2f}x to {max(ratios):.2f}x)." if ratios else "No pair finished.")
-    return "\n".join(rows) + "\n\n" + summary
+    return "\n".join(rows) + "\n\n" + summary + "\n\n" + flops_text(args, flops, ours_seconds)
+
+
+def flops_text(args: argparse.Namespace, flops: int | None, seconds: list[float]) -> str:
+    """FLOPs per iteration (counted by FlopCounterMode), the rate ours reaches, and its share of `--peak-tflops`."""
+    if flops is None or not seconds:
+        return "FLOPs per iteration: not counted (the counting run failed)."
+    rate = flops / statistics.median(seconds) / 1e12
+    text = (f"Dense FLOPs per iteration of ours, counted (`bench_distill.py --count-flops`, convolutions and matrix "
+            f"products): {flops / 1e12:.3f} TFLOP; at the median {statistics.median(seconds):.2f} s/it that is "
+            f"{rate:.3f} TFLOP/s")
+    if args.peak_tflops:
+        text += f", {100 * rate / args.peak_tflops:.0f} % of the {args.peak_tflops} TFLOP/s dense peak given"
+    return text + "."
 
 
 def candidates(args: argparse.Namespace) -> str:
@@ -242,6 +259,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed iterations per cell (default 1 quick, 2)")
     parser.add_argument("--pairs", type=int, default=3, help="alternating reference/ours pairs for the headline")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak in TFLOP/s at the precision used, for the share of peak")
     parser.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = parser.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 2)

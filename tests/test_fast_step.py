@@ -105,3 +105,24 @@ def test_distiller_gradients_equal_the_mtt_reference_step() -> None:
 
 def test_freed_memory_reuse_applies_exactly_on_glibc() -> None:
     assert reuse_freed_cpu_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_counted_flops_of_an_iteration_equal_the_hand_count_of_its_convolutions(monkeypatch) -> None:
+    """bench_distill's FLOP count (used for the share of a GPU's peak) sees every convolution of the step."""
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    bench_distill = importlib.import_module("bench_distill")
+    batch, width, steps = 10, 128, 3  # ipc 1, 10 classes; ConvNet-3 on 28 px: maps 32, 16, 8
+    counted = bench_distill.count_flops(bench_distill._iteration("ours", 1, 1, 28, steps, torch.device("cpu")))
+    blocks = [(1, 32), (width, 16), (width, 8)]  # (input channels, output map side)
+    expected = 0
+    for step in range(steps):
+        for index, (in_channels, side) in enumerate(blocks):
+            calls = 2 + (index > 0)            # forward, weight grad, input grad (not for the images)
+            calls += 1 + (index > 0)           # tangent forward: conv(x, dW) [+ conv(dx, W)]
+            if step > 0:                       # the first step starts from the (constant) expert
+                calls += 1 + (index > 0)       # weight grad of the tangent backward
+            calls += 2                         # input grad of the tangent backward (images need it too)
+            expected += calls * 2 * batch * width * side * side * in_channels * 9
+    assert counted["conv_flops"] == expected
+    assert counted["flops"] > counted["conv_flops"]  # plus the classifier's matrix products
