@@ -4,7 +4,8 @@ Outputs (``artifacts/distill/<method>/ipc<k>/``): ``synthetic.safetensors`` (bes
 images in distillation space, labels, alpha), ``grid.png`` (best set, pixels after inverse ZCA),
 ``history.csv`` (per iteration), ``validation.csv`` (validation accuracy after k updates, k = 0 is the
 initial set; AST Fig. 6), ``result.json``. The resumable checkpoint lives in
-``artifacts/checkpoints/`` (not a DVC output), so a killed run continues where it stopped.
+``artifacts/checkpoints/`` (not a DVC output), so a killed run continues where it stopped; a finished cell
+removes it.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def run(params: Params, method: str, ipc: int) -> None:
         tracker.log_series(result.validation, ["val_acc"], "iteration")
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and k != "ipc"})
         tracker.log_artifacts([out / "grid.png", out / "history.csv", out / "validation.csv", out / "result.json"])
+        # DVC reruns a finished cell only when a dependency changed: resuming would hand back the old result
+        (checkpoints / Distiller.CHECKPOINT_NAME).unlink(missing_ok=True)
         log.info("distilled %s ipc %d: best val acc %s at iteration %s", method, ipc, summary["best_val_acc"],
                  summary["best_iteration"])
 
