@@ -39,7 +39,8 @@ METHODS = ("reference", "ours", "tesla")
 QUICK_CELLS = {"FMNIST 1x28x28": [(1, 20), (1, 40), (1, 80), (10, 20)], "CIFAR 3x32x32": [(1, 20), (10, 20)]}
 FULL_CELLS = [(ipc, steps) for ipc in (1, 10, 50) for steps in (20, 40, 80)]
 CPU_BUDGET = {"reference": 2000, "ours": 4000, "tesla": 8000}  # images x N per iteration on CPU
-DIAGNOSTIC = ("FMNIST 1x28x28", 10, 20)  # where `ours-no-reuse` also runs on CPU
+# the issue's target cell: the headline pairs, `ours-no-reuse` (CPU), expert loading and the candidates run here
+HEADLINE = ("FMNIST 1x28x28", 10, 20)
 Cell = dict[str, object]  # one bench_distill.py result
 Cells = dict[tuple[str, int, int], dict[str, Cell | None]]  # (data, ipc, N) -> method -> result (None: skipped)
 
@@ -67,16 +68,21 @@ def run_script(script: str, *args: str) -> str:
     return completed.stdout.strip()
 
 
-def distill_cell(method: str, channels: int, size: int, ipc: int, steps: int, repeats: int, device: str,
-                 expert_epochs: int = 1, count_flops: bool = False) -> Cell:
-    output = run_script("bench_distill.py", "--method", method, "--ipc", str(ipc), "--channels", str(channels),
-                        "--size", str(size), "--syn-steps", str(steps), "--repeats", str(repeats),
-                        "--device", device, "--expert-epochs", str(expert_epochs),
-                        *(["--count-flops"] if count_flops else []))
+def json_result(script: str, *args: str) -> Cell:
+    """The JSON object a benchmark script prints last, or {"error": the end of its output}."""
+    output = run_script(script, *args)
     try:
         return json.loads(output.splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
         return {"error": output[-200:]}
+
+
+def distill_cell(method: str, channels: int, size: int, ipc: int, steps: int, repeats: int, device: str,
+                 expert_epochs: int = 1, count_flops: bool = False) -> Cell:
+    return json_result("bench_distill.py", "--method", method, "--ipc", str(ipc), "--channels", str(channels),
+                       "--size", str(size), "--syn-steps", str(steps), "--repeats", str(repeats),
+                       "--device", device, "--expert-epochs", str(expert_epochs),
+                       *(["--count-flops"] if count_flops else []))
 
 
 def _cell_text(result: Cell | None, key: str, fmt: str) -> str:
@@ -125,7 +131,7 @@ def distill_table(args: argparse.Namespace) -> tuple[str, Cells]:
         text += (f"\n\nSkipped on CPU (more image-steps, images x N, per iteration than {budget}): "
                  + "; ".join(skipped) + ".")
     if cpu:
-        shape, ipc, steps = DIAGNOSTIC
+        shape, ipc, steps = HEADLINE
         channels, size = SHAPES[shape]
         plain = distill_cell("ours-no-reuse", channels, size, ipc, steps, args.repeats, args.device)
         text += (f"\n\nAttribution ({shape}, ipc {ipc}, N {steps}): ours without `reuse_freed_cpu_memory` "
@@ -135,7 +141,7 @@ def distill_table(args: argparse.Namespace) -> tuple[str, Cells]:
 
 
 def load_vs_iteration(args: argparse.Namespace, storage: list[Cell], cells: Cells) -> str:
-    iteration = cells.get(("FMNIST 1x28x28", 10, 20), {}).get("ours")
+    iteration = cells.get(HEADLINE, {}).get("ours")
     if iteration is None:
         channels, size = SHAPES["FMNIST 1x28x28"]
         iteration = distill_cell("ours", channels, size, 10, 20, args.repeats, args.device)
@@ -166,7 +172,6 @@ def modules_table(args: argparse.Namespace) -> str:
     return "\n".join(rows)
 
 
-HEADLINE = ("FMNIST 1x28x28", 10, 20)
 # convolution calls per student step and block (forward pass + backward pass), first block / the others
 CONV_CALLS = {"forward": (2, 3), "weight_grad": (3, 3), "input_grad": (2, 3)}
 
@@ -199,9 +204,10 @@ def flops_text(args: argparse.Namespace, flops: int | None, seconds: list[float]
     """FLOPs per iteration (counted by FlopCounterMode), the rate ours reaches, and its share of `--peak-tflops`."""
     if flops is None or not seconds:
         return "FLOPs per iteration: not counted (the counting run failed)."
-    rate = flops / statistics.median(seconds) / 1e12
+    median = statistics.median(seconds)
+    rate = flops / median / 1e12
     text = (f"Dense FLOPs per iteration of ours, counted (`bench_distill.py --count-flops`, convolutions and matrix "
-            f"products): {flops / 1e12:.3f} TFLOP; at the median {statistics.median(seconds):.2f} s/it that is "
+            f"products): {flops / 1e12:.3f} TFLOP; at the median {median:.2f} s/it that is "
             f"{rate:.3f} TFLOP/s")
     if args.peak_tflops:
         text += f", {100 * rate / args.peak_tflops:.0f} % of the {args.peak_tflops} TFLOP/s dense peak given"
@@ -216,11 +222,9 @@ def candidates(args: argparse.Namespace) -> str:
     common = ["--ipc", str(ipc), "--syn-steps", str(steps)]
     results = {}
     for part in ("conv-share", "layout", "compile"):
-        output = run_script("bench_candidates.py", part, *common)
-        try:
-            results[part] = json.loads(output.splitlines()[-1])
-        except (json.JSONDecodeError, IndexError):
-            return f"`bench_candidates.py {part}` gave no result: {output[-200:]}"
+        results[part] = json_result("bench_candidates.py", part, *common)
+        if "error" in results[part]:
+            return f"`bench_candidates.py {part}` gave no result: {results[part]['error']}"
         print(f"candidates {part}: {results[part]}", file=sys.stderr, flush=True)
     share, layouts, compiled = results["conv-share"], results["layout"], results["compile"]
     rows = ["| block | call | NCHW ms | channels_last ms | channels_last / NCHW |",
