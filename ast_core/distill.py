@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 SAMPLING = ("discrete", "continuous")
 INTERMEDIATE_WEIGHTS = ("equal", "varied")
 GRADIENT_MODES = ("unroll", "tesla")
+PERTURB_FORMS = ("paper", "code")
+DENOMINATORS = ("unperturbed", "perturbed")
+BALANCE_MIDDLES = ("half", "floor")
 
 
 class Trajectory(Protocol):
@@ -57,15 +60,19 @@ class Trajectory(Protocol):
 # Formulas
 # ---------------------------------------------------------------------------------------------------------
 
-def balance_factor(start: float, max_start: float, vartheta: float = 8.0, log_base: float = math.e) -> float:
-    """nu of the balanced inner-loop loss (Eq. 20), middle m = max_start / 2.
+def balance_factor(start: float, max_start: float, vartheta: float = 8.0, log_base: float = math.e,
+                   middle: str = "half") -> float:
+    """nu of the balanced inner-loop loss (Eq. 20), middle m = max_start / 2 ("half", the paper) or
+    floor(max_start / 2) ("floor", the authors' code, which also uses log_base 5).
 
     nu = log(|t - m| + vartheta) for t >= m, else 1 / log(|m - t| + vartheta): late (flat) segments get a
     larger inner loss, early (steep) segments a smaller one.
     """
-    if vartheta <= 1 or log_base <= 1:
-        raise ValueError(f"vartheta={vartheta} and log_base={log_base} must be > 1 so that nu > 0")
-    middle = max_start / 2
+    if not (math.isfinite(vartheta) and vartheta > 1 and math.isfinite(log_base) and log_base > 1):
+        raise ValueError(f"vartheta={vartheta} and log_base={log_base} must be finite numbers > 1 so that nu > 0")
+    if middle not in BALANCE_MIDDLES:
+        raise ValueError(f"balance_middle={middle!r} is not supported; allowed: {', '.join(BALANCE_MIDDLES)}")
+    middle = max_start / 2 if middle == "half" else math.floor(max_start / 2)
     value = math.log(abs(start - middle) + vartheta, log_base)
     return value if start >= middle else 1.0 / value
 
@@ -98,6 +105,27 @@ def perturb_filters(params: dict[str, Tensor], rho: float,
         scale = norm(theta, dim=dims, keepdim=True) / norm(direction, dim=dims, keepdim=True).clamp_min(1e-12)
         out[name] = theta + rho * direction * scale
     return out
+
+
+def perturb_layers(params: dict[str, Tensor], rho: float,
+                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """The authors' code form of the weight perturbation: conv weights only (4-D tensors),
+    theta + rho * theta ⊙ d / ||d|| with d ~ N(0, I) normalised over the whole layer.
+
+    Its relative size per layer is about rho / sqrt(numel), 35-100x smaller than Eq. 23 at width 128
+    (METHOD.md section 8, item 4); every other tensor is returned unchanged.
+    """
+    out = {}
+    for name, theta in params.items():
+        if theta.dim() != 4:
+            out[name] = theta
+            continue
+        direction = torch.randn(theta.shape, generator=generator, dtype=theta.dtype).to(theta.device)
+        out[name] = theta + rho * theta * direction / torch.linalg.vector_norm(direction).clamp_min(1e-12)
+    return out
+
+
+PERTURBATIONS = {"paper": perturb_filters, "code": perturb_layers}
 
 
 def matching_loss(student: Tensor, target: Tensor, start: Tensor) -> Tensor:
@@ -133,6 +161,10 @@ class DistillConfig:
     intermediate_matching: bool = False  # Eq. 22
     intermediate_weights: str = "equal"
     perturb_rho: float = 0.0             # Eq. 23; 0 disables
+    perturb_form: str = "paper"          # paper: per filter of >= 2-D weights (Eq. 23) | code: conv layers, θ ⊙ d
+    intermediate_denominator: str = "unperturbed"  # Eq. 22 denominators from θ*_t, or from the perturbed start
+    balance_middle: str = "half"         # Eq. 20's m: T+/2 (paper) or floor(T+/2) (code)
+    max_image_growth: float = 100.0      # stop when the images' RMS exceeds this multiple of the initial RMS
     student_momentum: float = 0.0        # optional heavy-ball student update
     gradient: str = "unroll"             # "tesla": constant memory in N (no intermediate matching/momentum)
     max_nonfinite: int = 10              # consecutive skipped iterations before giving up
@@ -145,25 +177,28 @@ class DistillConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key}={value!r} must be a positive integer")
         positive = {"lr_img": self.lr_img, "lr_lr": self.lr_lr, "lr_teacher": self.lr_teacher,
-                    "min_syn_lr": self.min_syn_lr, "max_start_epoch": self.max_start_epoch}
+                    "min_syn_lr": self.min_syn_lr, "max_start_epoch": self.max_start_epoch,
+                    "max_image_growth": self.max_image_growth}
         for key, value in positive.items():
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{key}={value!r} must be a finite number > 0")
         for key, value in {"img_momentum": self.img_momentum, "lr_momentum": self.lr_momentum,
                            "student_momentum": self.student_momentum}.items():
-            if not 0 <= value < 1:
+            if not 0 <= value < 1:  # NaN fails too
                 raise ValueError(f"{key}={value!r} must be in [0, 1)")
         choices = {"sampling": (self.sampling, SAMPLING), "gradient": (self.gradient, GRADIENT_MODES),
-                   "intermediate_weights": (self.intermediate_weights, INTERMEDIATE_WEIGHTS)}
+                   "intermediate_weights": (self.intermediate_weights, INTERMEDIATE_WEIGHTS),
+                   "perturb_form": (self.perturb_form, PERTURB_FORMS),
+                   "intermediate_denominator": (self.intermediate_denominator, DENOMINATORS),
+                   "balance_middle": (self.balance_middle, BALANCE_MIDDLES)}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
         if self.batch_syn is not None and (not isinstance(self.batch_syn, int) or self.batch_syn < 1):
             raise ValueError(f"batch_syn={self.batch_syn!r} must be a positive integer or null (all)")
-        if self.perturb_rho < 0:
-            raise ValueError(f"perturb_rho={self.perturb_rho!r} must be >= 0")
-        if self.balanced_loss:
-            balance_factor(0.0, self.max_start_epoch, self.vartheta, self.log_base)
+        if not (math.isfinite(self.perturb_rho) and self.perturb_rho >= 0):
+            raise ValueError(f"perturb_rho={self.perturb_rho!r} must be a finite number >= 0")
+        balance_factor(0.0, self.max_start_epoch, self.vartheta, self.log_base, self.balance_middle)
         if self.sampling == "discrete" and float(self.max_start_epoch) != int(self.max_start_epoch):
             raise ValueError(f"max_start_epoch={self.max_start_epoch} must be an integer with discrete sampling")
         if self.gradient == "tesla" and (self.intermediate_matching or self.student_momentum):
@@ -193,6 +228,10 @@ def changed_settings(saved: dict[str, object], config: DistillConfig) -> list[st
 
 class NonFiniteError(RuntimeError):
     """Raised when non-finite losses or gradients keep occurring and the run cannot make progress."""
+
+
+class DivergenceError(RuntimeError):
+    """Raised when the images' RMS grows past `max_image_growth` times its start: the run has diverged."""
 
 
 Evaluator = Callable[[Tensor, Tensor, float], float]
@@ -250,6 +289,10 @@ class Distiller:
         self.best: dict[str, object] = {}
         self.validation: list[dict[str, float]] = []
         self.nonfinite_streak = 0
+        self.initial_rms = float(self._image_rms())
+
+    def _image_rms(self) -> Tensor:
+        return self.images.detach().pow(2).mean().sqrt()
 
     # -- sampling ------------------------------------------------------------------------------------------
     def _sample_segment(self) -> tuple[int, float]:
@@ -293,7 +336,8 @@ class Distiller:
             if cfg.intermediate_matching and step in checkpoints:
                 k = checkpoints[step]
                 weight = intermediate_weight(k, cfg.expert_epochs, cfg.intermediate_weights)
-                total = total + weight * matching_loss(params, targets[k], expert_start)
+                denominator = start_params if cfg.intermediate_denominator == "perturbed" else expert_start
+                total = total + weight * matching_loss(params, targets[k], denominator)
         final = matching_loss(params, targets[cfg.expert_epochs], expert_start)
         return total + final, self._stats(final, inner_losses, nu)
 
@@ -327,9 +371,11 @@ class Distiller:
         targets = {k: traj.at(min(start + k, end_epoch)).to(self.device) for k in range(1, cfg.expert_epochs + 1)}
         start_params = expert_start
         if cfg.perturb_rho > 0:
-            perturbed = perturb_filters(self.flat_model.unflatten(expert_start), cfg.perturb_rho, self.generator)
+            perturb = PERTURBATIONS[cfg.perturb_form]
+            perturbed = perturb(self.flat_model.unflatten(expert_start), cfg.perturb_rho, self.generator)
             start_params = torch.cat([perturbed[name].reshape(-1) for name in self.flat_model.names])
-        nu = balance_factor(start, cfg.max_start_epoch, cfg.vartheta, cfg.log_base) if cfg.balanced_loss else 1.0
+        nu = (balance_factor(start, cfg.max_start_epoch, cfg.vartheta, cfg.log_base, cfg.balance_middle)
+              if cfg.balanced_loss else 1.0)
         self.opt_img.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
         loss, stats = self._loss_and_gradients(start_params.detach().clone(), targets, expert_start, nu)
@@ -366,6 +412,7 @@ class Distiller:
         while self.iteration < self.config.iterations:
             record = self._step()
             self._track_nonfinite(record)
+            self._check_growth(record)
             self.iteration += 1
             if self.evaluator and self.eval_every and self.iteration % self.eval_every == 0:
                 self._evaluate()
@@ -391,6 +438,16 @@ class Distiller:
             raise NonFiniteError(f"{self.nonfinite_streak} consecutive iterations were non-finite; lower lr_img "
                                  "or lr_lr, or check the expert buffer. The last good images are in the checkpoint.")
 
+    def _check_growth(self, record: dict[str, float]) -> None:
+        """Record the images' RMS; stop with a clear error when it has grown by orders of magnitude."""
+        record["image_rms"] = float(self._image_rms())
+        growth = record["image_rms"] / self.initial_rms
+        if growth > self.config.max_image_growth:  # the last checkpoint (before this) stays the resume point
+            raise DivergenceError(
+                f"distillation diverged at iteration {self.iteration}: the images' RMS is {record['image_rms']:.3g}, "
+                f"{growth:.3g}x its start (limit max_image_growth = {self.config.max_image_growth:g}); lower "
+                f"lr_img (now {self.config.lr_img:g}) or lr_lr")
+
     def _evaluate(self) -> None:
         """Validation accuracy of the current set, appended to `validation`; keeps the best set so far."""
         assert self.evaluator is not None
@@ -406,7 +463,8 @@ class Distiller:
                 "images": self.images.detach().cpu(), "syn_lr": self.syn_lr.detach().cpu(),
                 "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
                 "generator": self.generator.get_state(), "history": self.history, "best": self.best,
-                "validation": self.validation, "nonfinite_streak": self.nonfinite_streak}
+                "validation": self.validation, "nonfinite_streak": self.nonfinite_streak,
+                "initial_rms": self.initial_rms}
 
     def save_checkpoint(self) -> None:
         if self.checkpoint_dir is None:
@@ -437,4 +495,5 @@ class Distiller:
         self.best = dict(state["best"])
         self.validation = list(state.get("validation", []))
         self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.initial_rms = float(state.get("initial_rms", self.initial_rms))
         log.info("resumed distillation from %s at iteration %d", path, self.iteration)

@@ -38,7 +38,14 @@ from ast_core.augment import DSA, dsa_strategy_for
 from ast_core.data import DatasetSplits
 from ast_core.evaluate import accuracy
 from ast_core.io import atomic_write_csv, atomic_write_json
-from ast_core.losses import GP_NORMS, clipped_ce_scale, gradient_penalty
+from ast_core.losses import (
+    CLIP_SCHEDULES,
+    GP_NORMS,
+    GP_SIDES,
+    clipped_ce_scale,
+    gradient_penalty,
+    input_gradient_norms,
+)
 from ast_core.models import ARCHITECTURES, FlatModel, build_model, default_depth
 from ast_core.trajectory import (
     STORAGE_DTYPES,
@@ -51,7 +58,9 @@ from ast_core.trajectory import (
 from ast_core.viz import plot_curves
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
-HISTORY_KEYS = ("lr", "train_loss", "train_acc", "gp", "val_acc", "test_acc")
+GRAD_NORM_KEYS = ("grad_norm_mean", "grad_norm_q10", "grad_norm_q90")
+HISTORY_KEYS = ("lr", "train_loss", "train_acc", "gp", "val_acc", "test_acc", *GRAD_NORM_KEYS)
+PROBE_SIZE = 512   # training images on which the input-gradient norm is measured after every epoch
 _WORKER_STATE: dict[str, Any] = {}
 
 
@@ -61,8 +70,10 @@ class ExpertConfig:
     clipped CE 0.5 -> 1 over 5 epochs, two-sided GP with K = 1, μ = 1). The MTT baseline is
     ``ExpertConfig(optimizer="sgd", lr_decay_epoch=None, clip_ce=False, grad_penalty=False)``.
 
-    The authors' code variant [C] is ``clip_warmup_epochs=10`` (λ = 0.5, 0.55, …, 0.95), ``lr=0.003``,
-    ``lr_decay_factor=0.6``, ``weight_decay=1e-3``, ``gp_norm="pixel"``, ``gp_weight=2``.
+    The authors' code variant [C] (METHOD.md section 8) is ``clip_schedule="code"`` (λ = 0.5, 0.55, …, 0.95),
+    ``lr=0.003``, ``lr_decay_factor=0.6``, ``lr_decay_rebuild=True`` (momentum reset at the lr step),
+    ``weight_decay=1e-3``, ``gp_norm="pixel"``, ``gp_weight=2``; ``gp_sided="one_sided"`` is the paper's
+    text ("below K") rather than its two-sided formula.
     `dsa_strategy` None picks `dsa_strategy_for(dataset)`; "none" turns augmentation off. `zca` only
     records that the caller whitened the data (METHOD.md section 1).
     """
@@ -78,14 +89,17 @@ class ExpertConfig:
     weight_decay: float = 0.0
     lr_decay_epoch: int | None = 25
     lr_decay_factor: float = 0.5
+    lr_decay_rebuild: bool = False       # reset the optimiser state (momentum) at the lr step, as [C]
     dsa_strategy: str | None = None
     clip_ce: bool = True
     clip_warmup_epochs: float = 5
     clip_start: float = 0.5
+    clip_schedule: str = "paper"
     grad_penalty: bool = True
     gp_weight: float = 1.0
     gp_target: float = 1.0
     gp_norm: str = "sample"
+    gp_sided: str = "two_sided"
     zca: bool = False
 
     def __post_init__(self) -> None:
@@ -110,15 +124,18 @@ class ExpertConfig:
                                "None or a positive integer"),
             "lr_decay_factor": (number(self.lr_decay_factor, 0.0, 1.0) and self.lr_decay_factor > 0,
                                 "a number in (0, 1]"),
+            "lr_decay_rebuild": (isinstance(self.lr_decay_rebuild, bool), "True or False"),
             "dsa_strategy": (self.dsa_strategy is None or isinstance(self.dsa_strategy, str),
                              "None or a DSA strategy string such as 'color_crop_cutout_flip_scale_rotate'"),
             "clip_ce": (isinstance(self.clip_ce, bool), "True or False"),
             "clip_warmup_epochs": (number(self.clip_warmup_epochs, 0.0), "a finite number >= 0"),
             "clip_start": (number(self.clip_start, 0.0, 1.0), "a number in [0, 1]"),
+            "clip_schedule": (self.clip_schedule in CLIP_SCHEDULES, f"one of {', '.join(CLIP_SCHEDULES)}"),
             "grad_penalty": (isinstance(self.grad_penalty, bool), "True or False"),
             "gp_weight": (number(self.gp_weight, 0.0), "a finite number >= 0"),
             "gp_target": (number(self.gp_target, 0.0), "a finite number >= 0"),
             "gp_norm": (self.gp_norm in GP_NORMS, f"one of {', '.join(GP_NORMS)}"),
+            "gp_sided": (self.gp_sided in GP_SIDES, f"one of {', '.join(GP_SIDES)}"),
             "zca": (isinstance(self.zca, bool), "True or False"),
         }
         for name, (ok, allowed) in checks.items():
@@ -163,7 +180,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y
     augmented batches, and the mean gradient penalty (None when `grad_penalty` is off).
     """
     model.train()
-    scale = clipped_ce_scale(epoch, config.clip_warmup_epochs, config.clip_start) if config.clip_ce else 1.0
+    scale = (clipped_ce_scale(epoch, config.clip_warmup_epochs, config.clip_start, config.clip_schedule)
+             if config.clip_ce else 1.0)
     order = torch.randperm(x.shape[0], generator=shuffle).to(x.device)
     loss_sum, gp_sum, correct = (torch.zeros((), device=x.device) for _ in range(3))  # summed on device: no syncs
     for start in range(0, x.shape[0], config.batch_size):
@@ -172,7 +190,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y
         logits = model(dsa(inputs, generator=dsa_generator))
         loss = scale * F.cross_entropy(logits, labels)
         if config.grad_penalty:
-            penalty = gradient_penalty(model, inputs, config.gp_target, config.gp_norm)
+            penalty = gradient_penalty(model, inputs, config.gp_target, config.gp_norm, config.gp_sided)
             loss = loss + config.gp_weight * penalty
             gp_sum += penalty.detach() * index.numel()
         optimizer.zero_grad(set_to_none=True)
@@ -183,6 +201,17 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y
     n = x.shape[0]
     return {"train_loss": float(loss_sum) / n, "train_acc": 100.0 * float(correct) / n,
             "gp": float(gp_sum) / n if config.grad_penalty else None}
+
+
+def grad_norm_stats(model: nn.Module, probe: Tensor, norm: str) -> dict[str, float]:
+    """Mean and 10/90 % quantiles of the input-gradient norm on `probe` (per sample or per pixel, as `norm`).
+
+    This is the quantity the penalty of Eq. 19 pushes toward K; it is measured for every variant, with or
+    without the penalty, so the Table VII rows can be compared on it.
+    """
+    norms = input_gradient_norms(model, probe, norm).flatten().float()
+    q10, q90 = torch.quantile(norms, torch.tensor([0.1, 0.9], device=norms.device)).tolist()
+    return {"grad_norm_mean": float(norms.mean()), "grad_norm_q10": q10, "grad_norm_q90": q90}
 
 
 def _seeds(seed: int) -> tuple[int, int, int]:
@@ -203,7 +232,9 @@ def train_expert(data: DatasetSplits, config: ExpertConfig, seed: int, device: s
 
     history: per epoch (lists of length K) ``lr``, ``train_loss``, ``train_acc`` (running, augmented
     batches), ``gp``, ``val_acc``, ``test_acc`` (%; val None when the split is empty), ``step_sq_norm``
-    (‖θ_e − θ_{e+1}‖²); plus ``train_seconds``.
+    (‖θ_e − θ_{e+1}‖²), ``grad_norm_mean/q10/q90`` (input-gradient norm in the form of ``gp_norm`` on a
+    fixed probe of the first 512 training images); plus ``grad_norm_init`` (the same at θ_0) and
+    ``train_seconds``.
     """
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative integer")
@@ -220,9 +251,13 @@ def train_expert(data: DatasetSplits, config: ExpertConfig, seed: int, device: s
     x, y = data.train_x.to(device), data.train_y.to(device=device, dtype=torch.long)
     checkpoints = [flat.flatten().cpu()]
     history: dict[str, Any] = {key: [] for key in HISTORY_KEYS}
+    probe = x[:PROBE_SIZE]
+    history["grad_norm_init"] = grad_norm_stats(model, probe, config.gp_norm)
     started = time.perf_counter()
     epochs = tqdm(range(config.epochs), desc=f"expert seed {seed}", disable=not progress)
     for epoch in epochs:
+        if config.lr_decay_rebuild and epoch == config.lr_decay_epoch:
+            optimizer = make_optimizer(model, config)  # the authors' code rebuilds it: momentum starts over
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(epoch)
         stats = train_epoch(model, optimizer, x, y, config, epoch, shuffle, dsa, dsa_generator)
@@ -230,6 +265,7 @@ def train_expert(data: DatasetSplits, config: ExpertConfig, seed: int, device: s
         stats["lr"] = config.lr_at(epoch)
         stats["val_acc"] = accuracy(model, data.val_x, data.val_y, device) if len(data.val_x) else None
         stats["test_acc"] = accuracy(model, data.test_x, data.test_y, device)
+        stats.update(grad_norm_stats(model, probe, config.gp_norm))
         for key in HISTORY_KEYS:
             history[key].append(stats[key])
         epochs.set_postfix(test_acc=f"{stats['test_acc']:.1f}")
@@ -342,10 +378,11 @@ def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def summarize_buffer(folder: str | os.PathLike, num_experts: int | None = None) -> dict[str, Any]:
-    """Write summary.json, metrics.csv, accuracy.png and step_sq_norm.png for a buffer folder.
+    """Write summary.json, metrics.csv, accuracy.png, step_sq_norm.png and grad_norm.png for a buffer folder.
 
     Uses the first `num_experts` plain experts (all when None), reading only their metadata.
-    summary.json: Avg_Var per expert with mean ± std, final train/val/test accuracy mean ± std.
+    summary.json: Avg_Var per expert with mean ± std, final train/val/test accuracy and input-gradient norm
+    (at θ_0 and after the last epoch) mean ± std.
     """
     out = Path(folder)
     paths = list_buffer(out)[:num_experts]
@@ -367,9 +404,12 @@ def summarize_buffer(folder: str | os.PathLike, num_experts: int | None = None) 
         "avg_var": _mean_std([statistics.fmean(h["step_sq_norm"]) for h in histories]),
         **{key: _mean_std([h[key][-1] for h in histories]) for key in ("train_acc", "val_acc", "test_acc")},
         "train_seconds": _mean_std([h["train_seconds"] for h in histories]),
+        "gp_norm": metas[0]["config"]["gp_norm"],
+        "grad_norm_init": _mean_std([h["grad_norm_init"]["grad_norm_mean"] for h in histories]),
+        **{key: _mean_std([h[key][-1] for h in histories]) for key in GRAD_NORM_KEYS},
     }
     atomic_write_json(out / "summary.json", summary)
-    _plot_buffer(out, histories)
+    _plot_buffer(out, histories, metas[0]["config"])
     return summary
 
 
@@ -381,8 +421,9 @@ def _epoch_curve(histories: Sequence[dict[str, Any]], key: str) -> tuple[list[fl
     return [statistics.fmean(c) for c in columns], [statistics.pstdev(c) for c in columns]
 
 
-def _plot_buffer(out: Path, histories: Sequence[dict[str, Any]]) -> None:
-    """accuracy.png (train/val/test per epoch) and step_sq_norm.png (AST Fig. 9), mean ± std over experts."""
+def _plot_buffer(out: Path, histories: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
+    """accuracy.png (train/val/test per epoch), step_sq_norm.png (AST Fig. 9) and grad_norm.png, mean ± std
+    over experts."""
     n = len(histories)
     epochs = list(range(1, len(histories[0]["test_acc"]) + 1))
     series, bands = {}, {}
@@ -396,3 +437,20 @@ def _plot_buffer(out: Path, histories: Sequence[dict[str, Any]]) -> None:
     label = "|θ_t − θ_t+1|²"
     plot_curves({label: (list(range(len(mean))), mean)}, out / "step_sq_norm.png", "epoch t", label,
                 title=f"parameter change per epoch (AST Fig. 9, {n} experts)", logy=True, bands={label: std})
+    _plot_grad_norms(out, histories, config)
+
+
+def _plot_grad_norms(out: Path, histories: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
+    """grad_norm.png: input-gradient norm per epoch (epoch 0 = θ_0), mean over experts with the mean 10-90 %
+    quantile band, against the penalty's target K when a penalty is in use."""
+    def curve(key: str) -> list[float]:
+        return [statistics.fmean(h["grad_norm_init"][key] for h in histories), *_epoch_curve(histories, key)[0]]
+
+    epochs = list(range(len(histories[0]["test_acc"]) + 1))
+    label = f"per-{config['gp_norm']} norm"
+    series = {label: (epochs, curve("grad_norm_mean"))}
+    if config["grad_penalty"]:
+        series[f"target K = {config['gp_target']}"] = (epochs, [config["gp_target"]] * len(epochs))
+    plot_curves(series, out / "grad_norm.png", "epoch", "‖∇x Σc f(x)c‖ (mean, 10-90 % band)", logy=True,
+                title=f"input-gradient norm the penalty constrains ({len(histories)} experts)",
+                ranges={label: (curve("grad_norm_q10"), curve("grad_norm_q90"))})

@@ -453,15 +453,19 @@ def load_buffer(folder: str | os.PathLike, tag: str | None = None,
 
 def convexify_buffer(folder: str | os.PathLike, num_anchors: int = 2, beta: str = "arclength",
                      smooth_anchors: bool | None = None, dtype: torch.dtype = torch.float32,
-                     overwrite: bool = False) -> list[Path]:
-    """Write ``expert_XXX.<convex_tag>.safetensors`` beside every plain expert; returns their paths."""
+                     overwrite: bool = False, out_dir: str | os.PathLike | None = None,
+                     limit: int | None = None) -> list[Path]:
+    """Write ``expert_XXX.<convex_tag>.safetensors`` for every (first `limit`) plain expert of `folder`,
+    into `out_dir` (default: beside the experts); returns their paths."""
     tag = convex_tag(num_anchors, beta)
-    sources = list_buffer(folder)
+    sources = list_buffer(folder)[:limit]
     if not sources:
         raise FileNotFoundError(f"no expert files expert_000.safetensors, ... in {folder}")
+    target_dir = Path(out_dir) if out_dir is not None else Path(folder)
+    target_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for source in sources:
-        target = source.with_name(source.name.replace(".safetensors", f".{tag}.safetensors"))
+        target = target_dir / source.name.replace(".safetensors", f".{tag}.safetensors")
         if overwrite or not target.exists():
             plain = load_trajectory(source)
             convex = ConvexTrajectory.from_checkpoints(plain, num_anchors=num_anchors, beta=beta,

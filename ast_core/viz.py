@@ -26,15 +26,21 @@ def save_image_grid(images: Tensor, labels: Tensor, path: str | os.PathLike, num
 
 def plot_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | os.PathLike,
                 xlabel: str, ylabel: str, title: str = "", logy: bool = False,
-                bands: Mapping[str, Sequence[float]] | None = None) -> None:
-    """Line plot of named (x, y) series; `bands` optionally gives a +- std per series."""
+                bands: Mapping[str, Sequence[float]] | None = None,
+                ranges: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> None:
+    """Line plot of named (x, y) series; `bands` optionally gives a +- std per series, `ranges` a
+    (low, high) pair of curves per series (e.g. quantiles)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, (xs, ys) in series.items():
         (line,) = ax.plot(list(xs), list(ys), label=name, marker="o" if len(xs) <= 30 else None, markersize=3)
+        shaded = None
         if bands and name in bands:
-            low = [y - s for y, s in zip(ys, bands[name], strict=True)]
-            high = [y + s for y, s in zip(ys, bands[name], strict=True)]
-            ax.fill_between(list(xs), low, high, alpha=0.2, color=line.get_color())
+            shaded = ([y - s for y, s in zip(ys, bands[name], strict=True)],
+                      [y + s for y, s in zip(ys, bands[name], strict=True)])
+        if ranges and name in ranges:
+            shaded = ranges[name]
+        if shaded is not None:
+            ax.fill_between(list(xs), list(shaded[0]), list(shaded[1]), alpha=0.2, color=line.get_color())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:

@@ -44,6 +44,11 @@ def cmd_buffer(args: argparse.Namespace, params: Params) -> None:
         _stage("buffer")(params, variant)
 
 
+def cmd_convexify(args: argparse.Namespace, params: Params) -> None:
+    for variant in args.variant or list(params.buffer.train):
+        _stage("convexify")(params, variant)
+
+
 def cmd_init(args: argparse.Namespace, params: Params) -> None:
     _stage("init")(params)
 
@@ -83,6 +88,12 @@ def cmd_run(args: argparse.Namespace, params: Params) -> None:
     run_pipeline(params, args.params, targets=args.targets, force=args.force)
 
 
+def cmd_study(args: argparse.Namespace, params: Params) -> None:
+    from pipeline import study
+
+    study.run(params)
+
+
 def cmd_ablate(args: argparse.Namespace, params: Params) -> None:
     from pipeline.ablation import run_ablations
 
@@ -92,13 +103,16 @@ def cmd_ablate(args: argparse.Namespace, params: Params) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Params], Any], str]] = {
     "params": (cmd_params, "validate params.yaml and print the resolved settings"),
     "prepare": (cmd_prepare, "stage: decode the dataset into cached tensors, fit ZCA"),
-    "buffer": (cmd_buffer, "stage: train expert trajectories (AST smooth and/or plain SGD) and convexify them"),
+    "buffer": (cmd_buffer, "stage: train expert trajectories (AST smooth and/or plain SGD)"),
+    "convexify": (cmd_convexify, "stage: MCT convexified copies of the experts (buffer.mct_anchors, mct_beta)"),
     "init": (cmd_init, "stage: representative (k-means) initialisation indices and PCA picture"),
     "distill": (cmd_distill, "stage: trajectory-matching distillation for a (method, ipc) cell"),
     "evaluate": (cmd_evaluate, "stage: test accuracy of a distilled set over fresh networks"),
     "baselines": (cmd_baselines, "stage: coreset baselines and full-data training"),
     "report": (cmd_report, "stage: results tables and figures (also from MLflow)"),
     "run": (cmd_run, "the main job: `dvc repro` of the pipeline inside one MLflow parent run"),
+    "study": (cmd_study, "AST Table VII study: train every buffer variant, distil from each over study.seeds "
+                         "(resumable; use with --profile profiles/study-buffers.yaml)"),
     "ablate": (cmd_ablate, "the paper's ablations (Tables VII/VIII, MCT) as DVC experiments, then the report"),
 }
 
@@ -111,6 +125,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, handler: Callable[[a
     """A subcommand with the common `--params` option; `handler(args, params)` runs after validation."""
     cmd = sub.add_parser(name, help=help_text, description=help_text)
     cmd.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    cmd.add_argument("--profile", action="append",
+                     help="overlay YAML holding only the settings it changes, merged over --params (repeatable)")
     cmd.set_defaults(handler=handler)
     return cmd
 
@@ -123,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (handler, help_text) in COMMANDS.items():
         cmd = add_command(sub, name, handler, help_text)
-        if name == "buffer":
+        if name in ("buffer", "convexify"):
             cmd.add_argument("--variant", action="append", help="buffer variant (repeatable; default: all)")
         if name in ("distill", "evaluate"):
             cmd.add_argument("--method", help="a name from distill.methods (default: all)")
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, args.profile or ())
         if args.command != "params":
             preflight()
         args.handler(args, params)

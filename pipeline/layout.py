@@ -7,6 +7,7 @@ from pathlib import Path
 ARTIFACTS = Path("artifacts")
 PREPARE = ARTIFACTS / "prepare"
 BUFFER = ARTIFACTS / "buffer"
+CONVEX = ARTIFACTS / "convex"
 INIT = ARTIFACTS / "init"
 DISTILL = ARTIFACTS / "distill"
 EVALUATE = ARTIFACTS / "evaluate"
@@ -17,6 +18,10 @@ CHECKPOINTS = ARTIFACTS / "checkpoints"   # resumable state, not a DVC output
 
 def buffer_dir(variant: str) -> Path:
     return BUFFER / variant
+
+
+def convex_dir(variant: str) -> Path:
+    return CONVEX / variant
 
 
 def init_file(ipc: int) -> Path:

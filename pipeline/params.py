@@ -139,6 +139,7 @@ class Hyper:
     lr_img: float = 100.0
     lr_lr: float = 1e-5
     lr_teacher: float = 0.01
+    max_image_growth: float = 100.0     # a run whose images' RMS grows past this multiple stops with an error
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,9 @@ class MethodParams:
     intermediate_matching: bool = False
     intermediate_weights: str = "equal"
     perturb_rho: float = 0.0
+    perturb_form: str = "paper"
+    intermediate_denominator: str = "unperturbed"
+    balance_middle: str = "half"
     student_momentum: float = 0.0
     gradient: str = "unroll"
 
@@ -226,6 +230,18 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class StudyParams:
+    """`ast-dd study`: the distillation row run on every buffer and the distillation seeds (>= 3 for mean ± std)."""
+
+    method: str | None = None          # a distill.configs row; `ast-dd study` needs one
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+    def __post_init__(self) -> None:
+        if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
+            raise ParamsError(f"study.seeds: {list(self.seeds)} must be distinct integers >= 0")
+
+
+@dataclass(frozen=True)
 class TrackingParams:
     experiment: str = "ast-dd"
 
@@ -241,6 +257,7 @@ class Params:
     distill: DistillParams = field(default_factory=DistillParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    study: StudyParams = field(default_factory=StudyParams)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -261,6 +278,9 @@ class Params:
                                   f"({list(self.buffer.mct_anchors)})")
             for ipc in self.distill.ipcs:
                 self.distill_config(name, ipc)  # raises ParamsError naming the key
+        if self.study.method is not None and self.study.method not in self.distill.configs:
+            raise ParamsError(f"study.method: {self.study.method!r} has no entry in distill.configs "
+                              f"(defined: {', '.join(self.distill.configs)})")
 
     @property
     def distill_seed(self) -> int:
@@ -288,13 +308,33 @@ class Params:
         return config
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; ParamsError names the first bad key."""
-    file = Path(path)
+def _read_yaml(file: Path, what: str) -> dict[str, Any]:
     if not file.is_file():
-        raise ParamsError(f"params: {file} does not exist (pass --params PATH)")
+        raise ParamsError(f"{what}: {file} does not exist")
     try:
         raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as error:
-        raise ParamsError(f"params: {file} is not valid YAML: {error}") from error
-    return from_mapping(Params, raw or {})
+        raise ParamsError(f"{what}: {file} is not valid YAML: {error}") from error
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{what}: {file} must hold a mapping of settings")
+    return raw or {}
+
+
+def overlay(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` merged in: mappings merge key by key, anything else (lists too) is replaced."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = overlay(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_params(path: str | Path = "params.yaml", profiles: list[str | Path] | tuple = ()) -> Params:
+    """Read and validate params.yaml with each profile overlay (only the keys it changes) merged on top, in
+    order; ParamsError names the first bad key."""
+    raw = _read_yaml(Path(path), "params")
+    for profile in profiles:
+        raw = overlay(raw, _read_yaml(Path(profile), "--profile"))
+    return from_mapping(Params, raw)

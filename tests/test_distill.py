@@ -11,11 +11,13 @@ import torch
 from ast_core.distill import (
     DistillConfig,
     Distiller,
+    DivergenceError,
     NonFiniteError,
     balance_factor,
     intermediate_steps,
     matching_loss,
     perturb_filters,
+    perturb_layers,
 )
 
 
@@ -27,6 +29,17 @@ def test_balance_factor_matches_eq_20_by_hand() -> None:
     assert balance_factor(14, 20, log_base=5) == pytest.approx(math.log(12) / math.log(5))
     with pytest.raises(ValueError, match="vartheta"):
         balance_factor(1, 20, vartheta=1.0)
+
+
+def test_balance_factor_code_middle_is_floor_of_half() -> None:
+    # T+ = 5: paper m = 2.5, code m = 2. At t = 2: paper 1/log(0.5 + 8), code log(0 + 8) (t >= m).
+    assert balance_factor(2, 5) == pytest.approx(1 / math.log(8.5))
+    assert balance_factor(2, 5, middle="floor") == pytest.approx(math.log(8))
+    assert balance_factor(4, 5, log_base=5, middle="floor") == pytest.approx(math.log(10) / math.log(5))
+    with pytest.raises(ValueError, match="balance_middle='mean'.*half, floor"):
+        balance_factor(2, 5, middle="mean")
+    with pytest.raises(ValueError, match="vartheta=nan"):
+        balance_factor(2, 5, vartheta=float("nan"))
 
 
 def test_intermediate_steps_are_floor_k_n_over_m() -> None:
@@ -46,6 +59,57 @@ def test_perturb_filters_scales_each_filter_by_rho_times_its_norm() -> None:
     assert torch.equal(out["b"], bias)
     again = perturb_filters({"w": weight, "b": bias}, rho=0.1, generator=torch.Generator().manual_seed(3))
     assert torch.equal(again["w"], out["w"])
+
+
+def test_perturbation_forms_by_hand_norms() -> None:
+    """paper: ||Δ_j|| = ρ ||θ_j|| for every filter j of every >= 2-D weight; code: only 4-D (conv) weights,
+    Δ = ρ θ ⊙ d / ||d||, so with a constant θ = c the layer's ||Δ|| = ρ c exactly."""
+    conv = torch.full((3, 2, 3, 3), 0.5)
+    linear = torch.arange(12, dtype=torch.float32).reshape(3, 4) - 4
+    bias = torch.ones(3)
+    params = {"conv": conv, "linear": linear, "bias": bias}
+    paper = perturb_filters(params, rho=0.1, generator=torch.Generator().manual_seed(0))
+    for name in ("conv", "linear"):
+        for j in range(3):
+            assert (paper[name] - params[name])[j].norm().item() == pytest.approx(0.1 * params[name][j].norm().item(),
+                                                                                  rel=1e-5)
+    code = perturb_layers(params, rho=1.0, generator=torch.Generator().manual_seed(0))
+    assert (code["conv"] - conv).norm().item() == pytest.approx(0.5, rel=1e-5)
+    assert torch.equal(code["linear"], linear) and torch.equal(code["bias"], bias)
+    # The code form is ~sqrt(numel) times smaller relative to the layer than the paper form at equal rho.
+    relative_code = (code["conv"] - conv).norm() / conv.norm()
+    assert relative_code.item() == pytest.approx(1 / math.sqrt(conv.numel()), rel=1e-5)
+
+
+def test_intermediate_denominator_from_perturbed_or_unperturbed_start(digits, digits_expert) -> None:
+    """With one intermediate point the total is final + L_1; the perturbed denominator changes only L_1."""
+    config = small_config(intermediate_matching=True, perturb_rho=0.1, dsa_strategy="none")
+    losses = {}
+    for form in ("unperturbed", "perturbed"):
+        distiller = make_distiller(digits, digits_expert, replace(config, intermediate_denominator=form))
+        trajectory = distiller.trajectories[0]
+        start = trajectory.at(1.0)
+        perturbed = start + 0.05 * torch.randn(start.shape, generator=torch.Generator().manual_seed(1))
+        targets = {1: trajectory.at(2.0), 2: trajectory.at(3.0)}
+        torch.manual_seed(0)
+        distiller.generator.manual_seed(5)
+        total, stats = distiller._unroll_loss(perturbed, targets, start, 1.0)
+        losses[form] = (total.item(), stats["matching_loss"])
+    final_u, final_p = losses["unperturbed"][1], losses["perturbed"][1]
+    assert final_u == pytest.approx(final_p)          # Eq. 5 always uses the unperturbed start
+    inter_u = losses["unperturbed"][0] - final_u
+    inter_p = losses["perturbed"][0] - final_p
+    # Same numerator ||θ̂_10 - θ*_{t+1}||²; denominators ||start - θ*_{t+1}||² and ||perturbed - θ*_{t+1}||².
+    ratio = (start - targets[1]).pow(2).sum() / (perturbed - targets[1]).pow(2).sum()
+    assert inter_p == pytest.approx(inter_u * ratio.item(), rel=1e-4)
+
+
+def test_exploding_images_stop_with_a_clear_error(digits, digits_expert) -> None:
+    distiller = make_distiller(digits, digits_expert, small_config(lr_img=1e12, iterations=3))
+    with pytest.raises(DivergenceError, match="lower lr_img"):
+        distiller.run()
+    calm = make_distiller(digits, digits_expert, small_config(iterations=2)).run()
+    assert all(row["image_rms"] > 0 for row in calm.history)
 
 
 def test_matching_loss_by_hand() -> None:
@@ -181,7 +245,12 @@ def test_the_initial_set_is_a_selection_candidate(digits, digits_expert) -> None
 
 @pytest.mark.parametrize(("key", "value"), [("ipc", 0), ("lr_img", -1.0), ("sampling", "random"),
                                             ("intermediate_weights", "odd"), ("batch_syn", 0),
-                                            ("img_momentum", 1.5), ("max_start_epoch", 2.5)])
+                                            ("img_momentum", 1.5), ("max_start_epoch", 2.5),
+                                            ("perturb_form", "layer"), ("intermediate_denominator", "mean"),
+                                            ("balance_middle", "round"), ("perturb_rho", float("nan")),
+                                            ("perturb_rho", -0.1), ("vartheta", float("nan")), ("vartheta", 1.0),
+                                            ("student_momentum", 1.0), ("student_momentum", float("nan")),
+                                            ("max_image_growth", 0.0)])
 def test_config_errors_name_the_key(key: str, value) -> None:
     with pytest.raises(ValueError, match=key):
         small_config(**{key: value})

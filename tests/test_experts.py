@@ -49,7 +49,7 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(digits, trained) ->
 def test_gradient_penalty_sees_the_unaugmented_batch(digits, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[torch.Tensor] = []
 
-    def recording_penalty(model, x, target_norm, norm):
+    def recording_penalty(model, x, target_norm, norm, sided):
         seen.append(x.detach().clone())
         return torch.zeros((), requires_grad=True)
 

@@ -57,6 +57,17 @@ BAD = [
     ("buffer.variants.ast.lr", -0.01, "buffer.variants.ast"),
     ("buffer.variants.ast.lr_decay_epoch", 99, "buffer.variants.ast.lr_decay_epoch"),
     ("buffer.variants.ast.momentum_typo", 0.9, "buffer.variants.ast.momentum_typo: unknown key"),
+    ("buffer.variants.ast.gp_norm", "channel", "gp_norm='channel' is invalid; allowed: one of sample, pixel"),
+    ("buffer.variants.ast.gp_sided", "both", "gp_sided='both' is invalid; allowed: one of two_sided, one_sided"),
+    ("buffer.variants.ast.clip_schedule", "cosine", "clip_schedule='cosine' is invalid; allowed: one of paper, code"),
+    ("buffer.variants.ast.weight_decay", -1e-3, "buffer.variants.ast: ExpertConfig.weight_decay"),
+    ("buffer.variants.ast.gp_weight", -2.0, "buffer.variants.ast: ExpertConfig.gp_weight"),
+    ("buffer.variants.ast.lr_decay_factor", 0.0, "lr_decay_factor=0.0 is invalid; allowed: a number in (0, 1]"),
+    ("buffer.variants.ast.lr_decay_factor", 1.5, "lr_decay_factor=1.5 is invalid; allowed: a number in (0, 1]"),
+    ("buffer.variants.ast.lr_decay_rebuild", "yes", "buffer.variants.ast.lr_decay_rebuild"),
+    ("study.seeds", [], "study.seeds"),
+    ("study.seeds", [1, 1, 2], "study.seeds"),
+    ("study.method", "nope", "study.method"),
     ("init.buffer", "sgd", "init.buffer"),
     ("init.expert_index", 7, "init.expert_index"),
     ("distill.ipcs", [0], "distill.ipcs"),
@@ -77,7 +88,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("key", "value", "message"), BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(("key", "value", "message"), BAD, ids=[f"{b[0]}={b[1]}" for b in BAD])
 def test_bad_value_names_the_key(tmp_path: Path, key: str, value, message: str) -> None:
     with pytest.raises(ParamsError) as error:
         load_params(write(tmp_path, with_change(key, value)))

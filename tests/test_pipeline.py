@@ -55,14 +55,16 @@ def first_run(project) -> str:
 
 def test_repro_runs_every_stage_and_writes_artifacts(project, first_run) -> None:
     path, _ = project
-    expected = {"prepare", "buffer@ast", "buffer@sgd", "init", "distill@ast-1", "distill@mtt-1", "evaluate@ast-1",
+    expected = {"prepare", "buffer@ast", "buffer@sgd", "convexify@ast", "convexify@sgd", "init", "distill@ast-1",
+                "distill@mtt-1", "evaluate@ast-1",
                 "evaluate@mtt-1", "baselines", "report"}
     assert expected <= ran_stages(first_run)
     lock = yaml.safe_load((path / "dvc.lock").read_text())["stages"]
     assert expected <= set(lock)
     for relative in ("artifacts/distill/ast/ipc1/grid.png", "artifacts/evaluate/ast/ipc1/metrics.json",
                      "artifacts/init/ipc1_pca.png", "artifacts/buffer/ast/step_sq_norm.png",
-                     "artifacts/buffer/sgd/expert_000.mct2.safetensors", "artifacts/report/tables/results.md",
+                     "artifacts/buffer/ast/grad_norm.png", "artifacts/convex/sgd/expert_000.mct2.safetensors",
+                     "artifacts/report/tables/results.md",
                      "artifacts/report/figures/accuracy_vs_iteration.png"):
         assert (path / relative).is_file(), relative
     results = (path / "artifacts/report/tables/results.md").read_text()
@@ -83,6 +85,18 @@ def test_changing_a_distill_parameter_reruns_only_distill_evaluate_report(projec
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = sh(["dvc", "repro"], path, env)
     assert ran_stages(output) == {"distill@ast-1", "distill@mtt-1", "evaluate@ast-1", "evaluate@mtt-1", "report"}
+
+
+def test_changing_mct_anchors_reconvexifies_without_retraining_experts(project, first_run) -> None:
+    path, env = project
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["buffer"]["mct_anchors"] = [*params["buffer"]["mct_anchors"], 3]
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output = sh(["dvc", "repro"], path, env)
+    ran = ran_stages(output)
+    assert {"convexify@ast", "convexify@sgd"} <= ran
+    assert not {stage for stage in ran if stage.startswith(("buffer@", "prepare", "init", "baselines"))}
+    assert (path / "artifacts/convex/sgd/expert_000.mct3.safetensors").is_file()
 
 
 def test_mlflow_holds_nested_stage_runs_with_metrics(project, first_run) -> None:

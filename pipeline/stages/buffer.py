@@ -1,4 +1,4 @@
-"""Stage `buffer`: train one variant's expert trajectories (AST Algorithm 1) and convexify them (MCT)."""
+"""Stage `buffer`: train one variant's expert trajectories (AST Algorithm 1); stage `convexify` makes MCT's copies."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ast_core.experts import ExpertConfig, train_experts
+from ast_core.experts import GRAD_NORM_KEYS, ExpertConfig, train_experts
 from ast_core.io import atomic_write_json
-from ast_core.trajectory import convex_tag, convexify_buffer, list_buffer, read_metadata
+from ast_core.trajectory import list_buffer, read_metadata
 from pipeline import tracking
 from pipeline.distributed import train_experts_on_cluster
 from pipeline.layout import buffer_dir
@@ -49,7 +49,7 @@ def drop_stale_experts(params: Params, variant: str, config: ExpertConfig) -> No
     wanted = config.to_dict()
     for path in folder.glob("expert_*.safetensors"):
         index = int(path.name.split("_")[1].split(".")[0])
-        keep = same_data and index < params.buffer.num_experts and ".mct" not in path.name
+        keep = same_data and index < params.buffer.num_experts and ".mct" not in path.name  # MCT copies: convexify
         if keep:
             meta = read_metadata(path)
             keep = meta.get("config") == wanted and meta.get("seed") == params.seed + index
@@ -80,13 +80,7 @@ def run(params: Params, variant: str) -> None:
             summary = train_experts(data, config, folder, params.buffer.num_experts, seed=params.seed,
                                     workers=params.buffer.workers, device=resolve_device(params.device),
                                     dtype=DTYPES[params.buffer.storage_dtype], progress=True)
-        for anchors in params.buffer.mct_anchors:
-            convexify_buffer(folder, num_anchors=anchors, beta=params.buffer.mct_beta,
-                             dtype=DTYPES[params.buffer.storage_dtype], overwrite=True)
         sizes = {"plain": sum(p.stat().st_size for p in list_buffer(folder))}
-        for anchors in params.buffer.mct_anchors:
-            tag = convex_tag(anchors, params.buffer.mct_beta)
-            sizes[tag] = sum(p.stat().st_size for p in list_buffer(folder, tag))
         log_buffer_metrics(tracker, folder, summary, sizes)
         tracker.log_artifacts(sorted(folder.glob("*.png")) + sorted(folder.glob("*.csv"))
                               + [folder / "summary.json"])
@@ -98,5 +92,6 @@ def log_buffer_metrics(tracker: tracking.StageRun, folder: Path, summary: dict, 
             if isinstance(value, dict) and value.get("mean") is not None for stat in ("mean", "std")}
     tracker.log_metrics({**flat, **{f"bytes_{k}": v for k, v in sizes.items()}})
     per_epoch = pd.read_csv(folder / "metrics.csv").groupby("epoch").mean(numeric_only=True).reset_index()
-    keys = [k for k in ("train_acc", "val_acc", "test_acc", "step_sq_norm") if per_epoch[k].notna().all()]
+    keys = [k for k in ("train_acc", "val_acc", "test_acc", "step_sq_norm", "gp", *GRAD_NORM_KEYS)
+            if per_epoch[k].notna().all()]
     tracker.log_series(per_epoch.to_dict("records"), keys, "epoch")

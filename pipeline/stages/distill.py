@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from ast_core.data import DatasetSplits
-from ast_core.distill import DistillConfig, Distiller, changed_settings
+from ast_core.distill import DistillConfig, Distiller, DistillResult, Evaluator, changed_settings
 from ast_core.evaluate import evaluate_synthetic
 from ast_core.init import SyntheticInit, initial_synthetic_set
 from ast_core.io import atomic_write_csv, atomic_write_json, atomic_write_with
@@ -27,14 +27,15 @@ from ast_core.models import FlatModel
 from ast_core.trajectory import convex_tag, load_buffer
 from ast_core.viz import save_image_grid
 from pipeline import tracking
-from pipeline.layout import buffer_dir, distill_checkpoint_dir, distill_dir, init_file
+from pipeline.layout import buffer_dir, convex_dir, distill_checkpoint_dir, distill_dir, init_file
 from pipeline.modelling import student
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
 
 log = logging.getLogger(__name__)
-SERIES = ("loss", "matching_loss", "inner_loss", "inner_loss_balanced", "syn_lr", "start_epoch", "seconds")
+SERIES = ("loss", "matching_loss", "inner_loss", "inner_loss_balanced", "syn_lr", "start_epoch", "image_rms",
+          "seconds")
 
 
 def discard_mismatched_checkpoint(config: DistillConfig, folder: Path) -> None:
@@ -73,24 +74,10 @@ def run(params: Params, method: str, ipc: int) -> None:
                             {"method": method, "ipc": str(ipc), "distill_seed": str(params.distill_seed)}) as tracker:
         prepared = load_prepared(params)
         data = prepared.data
-        tag = convex_tag(chosen.mct_anchors, params.buffer.mct_beta) if chosen.mct_anchors else None
-        trajectories = [t.to(device) for t in load_buffer(buffer_dir(chosen.buffer), tag, params.distill.num_experts)]
+        trajectories = [t.to(device) for t in load_trajectories(params, chosen.buffer, chosen.mct_anchors)]
         init = initial_images(params, chosen.init, ipc, data)
-        flat_model = FlatModel(student(params, data.info).to(device))
-        check_buffer_matches(trajectories, flat_model, buffer_dir(chosen.buffer))
-
-        def validation_accuracy(images: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
-            return evaluate_synthetic(images, labels, lr, data, arch=params.model.arch,
-                                      num_models=params.distill.eval_models,
-                                      iterations=params.distill.eval_iterations, seed=params.seed,
-                                      protocol=params.evaluate.protocol, batch_size=params.evaluate.batch_size,
-                                      device=str(device), width=params.model.width, eval_split="val").mean
-
-        discard_mismatched_checkpoint(config, checkpoints)
-        distiller = Distiller(config, trajectories, flat_model, init.images, init.labels, device=device,
-                              checkpoint_dir=checkpoints, checkpoint_every=params.distill.checkpoint_every,
-                              evaluator=validation_accuracy, eval_every=params.distill.eval_every)
-        result = distiller.run(progress=True)
+        result = distill_set(params, config, trajectories, init, data, device, checkpoints,
+                             buffer_dir(chosen.buffer))
         best_images = result.best["images"] if result.best else result.images
         best_lr = float(result.best["syn_lr"]) if result.best else result.syn_lr
         tensors = {"images": best_images.cpu().contiguous(), "final_images": result.images.cpu().contiguous(),
@@ -102,7 +89,8 @@ def run(params: Params, method: str, ipc: int) -> None:
         atomic_write_csv(out / "history.csv", result.history)
         atomic_write_csv(out / "validation.csv", result.validation, columns=("iteration", "val_acc"))
         history = result.history
-        summary = {"method": method, "ipc": ipc, "best_iteration": result.best.get("iteration"),
+        distilled = bool(result.best.get("iteration"))
+        summary = {"method": method, "ipc": ipc, "distilled": distilled, "best_iteration": result.best.get("iteration"),
                    "best_val_acc": result.best.get("val_acc"),
                    "initial_val_acc": next((r["val_acc"] for r in result.validation if r["iteration"] == 0), None),
                    "syn_lr": best_lr, "final_syn_lr": result.syn_lr,
@@ -116,8 +104,43 @@ def run(params: Params, method: str, ipc: int) -> None:
         tracker.log_artifacts([out / "grid.png", out / "history.csv", out / "validation.csv", out / "result.json"])
         # DVC reruns a finished cell only when a dependency changed: resuming would hand back the old result
         (checkpoints / Distiller.CHECKPOINT_NAME).unlink(missing_ok=True)
-        log.info("distilled %s ipc %d: best val acc %s at iteration %s", method, ipc, summary["best_val_acc"],
-                 summary["best_iteration"])
+        if distilled:
+            log.info("distilled %s ipc %d: best val acc %s at iteration %s", method, ipc, summary["best_val_acc"],
+                     summary["best_iteration"])
+        else:
+            log.warning("NOT distilled: %s ipc %d kept its initial set (validation %s at iteration 0 was never "
+                        "beaten); result.json says distilled: false", method, ipc, summary["best_val_acc"])
+
+
+def validation_evaluator(params: Params, data: DatasetSplits, device: torch.device) -> Evaluator:
+    """Validation accuracy of a synthetic set (model selection; never the test split)."""
+    def validation_accuracy(images: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
+        return evaluate_synthetic(images, labels, lr, data, arch=params.model.arch,
+                                  num_models=params.distill.eval_models, iterations=params.distill.eval_iterations,
+                                  seed=params.seed, protocol=params.evaluate.protocol,
+                                  batch_size=params.evaluate.batch_size, device=str(device),
+                                  width=params.model.width, eval_split="val").mean
+    return validation_accuracy
+
+
+def distill_set(params: Params, config: DistillConfig, trajectories: list, init: SyntheticInit,
+                data: DatasetSplits, device: torch.device, checkpoints: Path, source: Path,
+                progress: bool = True) -> DistillResult:
+    """Run (or resume) one distillation from `init` on `trajectories`, keeping the best set on validation."""
+    flat_model = FlatModel(student(params, data.info).to(device))
+    check_buffer_matches(trajectories, flat_model, source)
+    discard_mismatched_checkpoint(config, checkpoints)
+    distiller = Distiller(config, trajectories, flat_model, init.images, init.labels, device=device,
+                          checkpoint_dir=checkpoints, checkpoint_every=params.distill.checkpoint_every,
+                          evaluator=validation_evaluator(params, data, device), eval_every=params.distill.eval_every)
+    return distiller.run(progress=progress)
+
+
+def load_trajectories(params: Params, variant: str, mct_anchors: int | None) -> list:
+    """The variant's plain experts, or their `mct_anchors`-anchor convexified copies (convexify stage)."""
+    if mct_anchors is None:
+        return load_buffer(buffer_dir(variant), None, params.distill.num_experts)
+    return load_buffer(convex_dir(variant), convex_tag(mct_anchors, params.buffer.mct_beta), params.distill.num_experts)
 
 
 def initial_images(params: Params, init: str, ipc: int, data: DatasetSplits) -> SyntheticInit:

@@ -50,7 +50,8 @@ def results_frame() -> tuple[pd.DataFrame, str]:
         for arch, result in metrics["results"].items():
             rows.append({"method": metrics["method"], "ipc": metrics["ipc"], "arch": arch,
                          "test_acc": pm(result["mean"], result["std"]), "mean": result["mean"], "std": result["std"],
-                         "models": len(result["accuracies"]), "lr": metrics["syn_lr"], "selected_iteration": selected})
+                         "models": len(result["accuracies"]), "lr": metrics["syn_lr"], "selected_iteration": selected,
+                         "distilled": "" if selected is None else ("yes" if selected else "NO: initial set kept")})
     baseline_file = BASELINES / "metrics.json"
     if baseline_file.is_file():
         baselines = json.loads(baseline_file.read_text())
