@@ -91,7 +91,7 @@ def cmd_run(args: argparse.Namespace, params: Params) -> None:
 def cmd_study(args: argparse.Namespace, params: Params) -> None:
     from pipeline import study
 
-    study.run(params)
+    study.run(params, args.kind)
 
 
 def cmd_ablate(args: argparse.Namespace, params: Params) -> None:
@@ -111,8 +111,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Params], Any], str]] = {
     "baselines": (cmd_baselines, "stage: coreset baselines and full-data training"),
     "report": (cmd_report, "stage: results tables and figures (also from MLflow)"),
     "run": (cmd_run, "the main job: `dvc repro` of the pipeline inside one MLflow parent run"),
-    "study": (cmd_study, "AST Table VII study: train every buffer variant, distil from each over study.seeds "
-                         "(resumable; use with --profile profiles/study-buffers.yaml)"),
+    "study": (cmd_study, "ablation studies at CPU size, resumable: `buffers` (AST Table VII) or `modules` (Table "
+                         "VIII, MCT convergence); see profiles/study-*.yaml"),
     "ablate": (cmd_ablate, "the paper's ablations (Tables VII/VIII, MCT) as DVC experiments, then the report"),
 }
 
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             cmd.add_argument("targets", nargs="*", help="DVC stages to reproduce (default: all)")
             cmd.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+        if name == "study":
+            cmd.add_argument("kind", choices=("buffers", "modules"), help="which study")
         if name == "ablate":
             cmd.add_argument("--group", action="append", help="ablation group (repeatable; default: all)")
             cmd.add_argument("--set", action="append", help="extra override key=value for every experiment")

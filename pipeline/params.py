@@ -231,9 +231,10 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class StudyParams:
-    """`ast-dd study`: the distillation row run on every buffer and the distillation seeds (>= 3 for mean ± std)."""
+    """`ast-dd study buffers|modules`: which distillations to compare, over which seeds (>= 3 for mean ± std)."""
 
-    method: str | None = None          # a distill.configs row; `ast-dd study` needs one
+    method: str | None = None          # buffers study: the distill.configs row run on every buffer variant
+    rows: list[str] = field(default_factory=list)   # modules study: distill.configs rows, each on its own buffer
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
     def __post_init__(self) -> None:
@@ -278,9 +279,10 @@ class Params:
                                   f"({list(self.buffer.mct_anchors)})")
             for ipc in self.distill.ipcs:
                 self.distill_config(name, ipc)  # raises ParamsError naming the key
-        if self.study.method is not None and self.study.method not in self.distill.configs:
-            raise ParamsError(f"study.method: {self.study.method!r} has no entry in distill.configs "
-                              f"(defined: {', '.join(self.distill.configs)})")
+        for key, name in [("study.method", self.study.method), *(("study.rows", row) for row in self.study.rows)]:
+            if name is not None and name not in self.distill.configs:
+                raise ParamsError(f"{key}: {name!r} has no entry in distill.configs "
+                                  f"(defined: {', '.join(self.distill.configs)})")
 
     @property
     def distill_seed(self) -> int:

@@ -1,15 +1,19 @@
-"""`ast-dd study buffers`: AST Table VII (which experts to match) at a size a 2-core machine runs.
+"""`ast-dd study buffers|modules`: the papers' ablation tables at a size a 2-core machine runs, resumable.
 
-For every variant in `buffer.train` of the profile: train `buffer.num_experts` experts (resumable, one file
-each), then distil the same way from each buffer (the `study.method` row of `distill.configs`, its buffer
-swapped for the variant) for every seed in `study.seeds`, and score the set kept on validation on the test
-split. Every finished cell is a JSON file under ``artifacts/study/buffers/cells/``, so a killed study resumes
-where it stopped and a finished one only rebuilds its tables. The same seeds also score the random real
-subset the distillations start from, so each row can be read against it.
+Both kinds train the experts of every variant in `buffer.train` (one file each, kept across runs in
+``artifacts/study/experts/<variant>``), then distil cells (row, ipc, distillation seed) and score the set kept on
+validation on the test split. Every finished cell is a JSON file under ``artifacts/study/<kind>/cells/``, so a
+killed study resumes where it stopped and a finished one only rebuilds its tables.
 
-Outputs: ``artifacts/report/tables/buffers_study.{csv,md}`` (``variant,avg_var,expert_test_acc,
-distilled_test_acc`` as ``mean ± std`` plus the input-gradient norms and the selected iterations) and
-``artifacts/report/figures/buffers_study_{grad_norm,step_sq_norm}.png`` (every variant per epoch).
+- ``buffers`` (AST Table VII): the `study.method` row of `distill.configs`, its buffer swapped for each variant
+  in turn, from the same random real start. Table ``buffers_study.{csv,md}`` (Avg_Var, expert accuracy, input-
+  gradient norms, distilled accuracy) and figures ``buffers_study_{grad_norm,step_sq_norm}.png``.
+- ``modules`` (AST Table VIII and MCT's convergence claim): every row of `study.rows`, each on its own buffer
+  (MCT rows on convexified copies). Tables ``modules_study.{csv,md}`` and ``convergence_study.{csv,md}``
+  (validation accuracy per iteration, mean ± std over seeds) and figure ``modules_study_convergence.png``.
+
+The random real subsets the distillations start from are scored with the same seeds, so each row reads
+against its start.
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
+from ast_core.data import DatasetSplits
 from ast_core.evaluate import evaluate_synthetic
 from ast_core.experts import train_experts
-from ast_core.init import initial_synthetic_set
+from ast_core.init import SyntheticInit, initial_synthetic_set
 from ast_core.io import atomic_write_json
-from ast_core.trajectory import list_buffer, load_buffer, read_metadata
+from ast_core.models import FlatModel, batched_features
+from ast_core.trajectory import convex_tag, convexify_buffer, list_buffer, load_buffer, read_metadata
 from ast_core.viz import plot_curves
 from pipeline.layout import ARTIFACTS, CHECKPOINTS, REPORT
-from pipeline.params import Params
+from pipeline.modelling import student
+from pipeline.params import MethodParams, Params
 from pipeline.prepared import class_balanced_subset, load_prepared, resolve_device
 from pipeline.schema import ParamsError
 from pipeline.stages.buffer import DTYPES, expert_config
@@ -38,15 +46,82 @@ from pipeline.stages.distill import distill_set
 from pipeline.stages.report import write_table
 
 log = logging.getLogger(__name__)
-STUDY = ARTIFACTS / "study" / "buffers"
-START_ROW = "random real subset (the distillations' start)"
+KINDS = ("buffers", "modules")
+STUDY = ARTIFACTS / "study"
+EXPERTS = STUDY / "experts"
+FIGURES = REPORT / "figures"
 
 
-def _cell(name: str) -> Path:
-    return STUDY / "cells" / f"{name}.json"
+def _cell(kind: str, name: str) -> Path:
+    return STUDY / kind / "cells" / f"{name}.json"
 
 
-def _test_accuracy(params: Params, images: Any, labels: Any, lr: float, data: Any, device: Any) -> dict[str, Any]:
+def _read(kind: str, name: str) -> dict[str, Any] | None:
+    path = _cell(kind, name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _mean_std(values: list[float], digits: int = 2) -> str:
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
+
+
+def rows_of(params: Params, kind: str) -> dict[str, MethodParams]:
+    """The distillation of every row: buffers -> one per variant (study.method on it); modules -> study.rows."""
+    configs = params.distill.configs
+    if kind == "buffers":
+        return {v: dataclasses.replace(configs[params.study.method], buffer=v) for v in params.buffer.train}
+    return {row: configs[row] for row in params.study.rows}
+
+
+def check(params: Params, kind: str) -> None:
+    """Everything the study needs from the settings, before any compute (the key and the allowed values)."""
+    if kind not in KINDS:
+        raise ParamsError(f"study kind {kind!r} is unknown; allowed: {', '.join(KINDS)}")
+    study, defined = params.study, ", ".join(params.distill.configs)
+    if kind == "buffers":
+        if study.method is None:
+            raise ParamsError(f"study.method: name the distill.configs row to run on every buffer ({defined})")
+        if params.distill.configs[study.method].init == "representative":
+            raise ParamsError(f"study.method: {study.method!r} starts from the representative init, which depends "
+                              "on one buffer's expert; use init real or noise so every buffer has the same start")
+    elif not study.rows:
+        raise ParamsError(f"study.rows: list the distill.configs rows to compare ({defined})")
+    for name, row in rows_of(params, kind).items():
+        if row.buffer not in params.buffer.train:
+            raise ParamsError(f"distill.configs.{name}.buffer: {row.buffer!r} is not trained by buffer.train "
+                              f"({', '.join(params.buffer.train)})")
+        if row.mct_anchors is not None and row.mct_anchors not in params.buffer.mct_anchors:
+            raise ParamsError(f"distill.configs.{name}.mct_anchors: {row.mct_anchors} is not in buffer.mct_anchors "
+                              f"({list(params.buffer.mct_anchors)})")
+        for ipc in params.distill.ipcs:
+            params.distill_config(name if kind == "modules" else study.method, ipc)
+
+
+def train_buffers(params: Params, data: DatasetSplits, device: torch.device) -> None:
+    """Every variant's experts (resumable), and the convexified copies the MCT rows need."""
+    experts = class_balanced_subset(data, params.buffer.train_size, params.seed)
+    for variant in params.buffer.train:
+        log.info("study: experts of %s", variant)
+        train_experts(experts, expert_config(params, variant), EXPERTS / variant, params.buffer.num_experts,
+                      seed=params.seed, workers=params.buffer.workers, device=device,
+                      dtype=DTYPES[params.buffer.storage_dtype], progress=True)
+        for anchors in params.buffer.mct_anchors:
+            convexify_buffer(EXPERTS / variant, anchors, params.buffer.mct_beta, limit=params.buffer.num_experts,
+                             dtype=DTYPES[params.buffer.storage_dtype], out_dir=EXPERTS / variant / "convex")
+
+
+def representative_features(params: Params, data: DatasetSplits, device: torch.device) -> torch.Tensor:
+    """Features (before the classifier) of `init.buffer`'s expert `init.expert_index` for every training image."""
+    trajectory = load_buffer(EXPERTS / params.init.buffer, None, params.init.expert_index + 1)[-1]
+    model = student(params, data.info)
+    flat = FlatModel(model)
+    flat.load_into_module(trajectory.at(float(trajectory.num_epochs)).float())
+    model = model.to(device).eval()
+    return batched_features(lambda x: model.embed(x.to(device)).cpu(), data.train_x)
+
+
+def test_accuracy(params: Params, images: torch.Tensor, labels: torch.Tensor, lr: float, data: DatasetSplits,
+                  device: torch.device) -> dict[str, Any]:
     result = evaluate_synthetic(images, labels, lr, data, arch=params.model.arch,
                                 num_models=params.evaluate.num_models, iterations=params.evaluate.iterations,
                                 seed=params.seed, protocol=params.evaluate.protocol,
@@ -55,119 +130,166 @@ def _test_accuracy(params: Params, images: Any, labels: Any, lr: float, data: An
     return {"test_mean": result.mean, "test_std": result.std, "test_per_network": result.accuracies}
 
 
-def check(params: Params) -> None:
-    """Everything the study needs from the settings, before any compute."""
-    study = params.study
-    if study.method is None:
-        raise ParamsError(f"study.method: name the distill.configs row to run on every buffer "
-                          f"(defined: {', '.join(params.distill.configs)})")
-    if params.distill.configs[study.method].mct_anchors is not None:
-        raise ParamsError(f"study.method: {study.method!r} uses convexified experts; the buffer study matches "
-                          "the stored trajectories (mct_anchors: null)")
-    if params.distill.configs[study.method].init == "representative":
-        raise ParamsError(f"study.method: {study.method!r} starts from the representative init, which depends on "
-                          "one buffer's expert; use init real or noise so every buffer starts from the same set")
-    for ipc in params.distill.ipcs:
-        params.distill_config(study.method, ipc)
-
-
-def run(params: Params) -> pd.DataFrame:
-    """Train, distil and score every (variant, seed) cell not yet done; write the tables and figures."""
-    check(params)
+def run(params: Params, kind: str) -> pd.DataFrame:
+    """Train, distil and score every cell not yet done; write the kind's tables and figures."""
+    check(params, kind)
     device = resolve_device(params.device)
-    prepared = load_prepared(params)
-    data = prepared.data
-    experts = class_balanced_subset(data, params.buffer.train_size, params.seed)
-    chosen = params.distill.configs[params.study.method]
-    (ipc,) = params.distill.ipcs[:1]
-    for variant in params.buffer.train:  # every buffer first: the Avg_Var columns land before any distillation
-        log.info("study buffers: experts of %s", variant)
-        train_experts(experts, expert_config(params, variant), STUDY / "buffer" / variant, params.buffer.num_experts,
-                      seed=params.seed, workers=params.buffer.workers, device=device,
-                      dtype=DTYPES[params.buffer.storage_dtype], progress=True)
-        write_report(params)
-    for seed in params.study.seeds:
-        cell = _cell(f"start-ipc{ipc}-s{seed}")
-        if not cell.is_file():
-            init = initial_synthetic_set(chosen.init, data.train_x, data.train_y, data.info.num_classes, ipc, seed=seed)
-            lr = params.distill_config(params.study.method, ipc).lr_teacher
-            scored = _test_accuracy(params, init.images, init.labels, lr, data, device)
-            atomic_write_json(cell, {"seed": seed, **scored})
-    for variant in params.buffer.train:
-        folder = STUDY / "buffer" / variant
-        trajectories = [t.to(device) for t in load_buffer(folder, None, params.buffer.num_experts)]
+    data = load_prepared(params).data
+    train_buffers(params, data, device)
+    rows = rows_of(params, kind)
+    features = None
+    if any(row.init == "representative" for row in rows.values()):
+        features = representative_features(params, data, device)
+    for ipc in params.distill.ipcs:
         for seed in params.study.seeds:
-            cell = _cell(f"{variant}-ipc{ipc}-s{seed}")
-            if cell.is_file():
-                continue
-            log.info("study buffers: distilling from %s, seed %d", variant, seed)
-            config = dataclasses.replace(params.distill_config(params.study.method, ipc), seed=seed)
-            init = initial_synthetic_set(chosen.init, data.train_x, data.train_y, data.info.num_classes, ipc, seed=seed)
-            result = distill_set(params, config, trajectories, init, data, device,
-                                 CHECKPOINTS / "study" / "buffers" / cell.stem, folder)
-            scored = _test_accuracy(params, result.best["images"], result.labels, float(result.best["syn_lr"]),
-                                    data, device)
-            atomic_write_json(cell, {"variant": variant, "seed": seed, "selected_iteration": result.best["iteration"],
-                                     "validation": result.validation, "syn_lr": float(result.best["syn_lr"]),
-                                     **scored})
-            write_report(params)
-            (CHECKPOINTS / "study" / "buffers" / cell.stem / "distill_checkpoint.pt").unlink(missing_ok=True)
-    return write_report(params)
+            name = f"start-ipc{ipc}-s{seed}"
+            if _read(kind, name) is None:
+                start = initial_synthetic_set("real", data.train_x, data.train_y, data.info.num_classes, ipc, seed=seed)
+                scored = test_accuracy(params, start.images, start.labels, params.distill.hyper_for(ipc).lr_teacher,
+                                       data, device)
+                atomic_write_json(_cell(kind, name), {"seed": seed, "ipc": ipc, **scored})
+        for row_name, row in rows.items():
+            method = params.study.method if kind == "buffers" else row_name
+            for seed in params.study.seeds:
+                name = f"{row_name}-ipc{ipc}-s{seed}"
+                if _read(kind, name) is None:
+                    init = initial_synthetic_set(row.init, data.train_x, data.train_y, data.info.num_classes, ipc,
+                                                 seed=seed, features=features)
+                    config = dataclasses.replace(params.distill_config(method, ipc), seed=seed)
+                    cell = distil_cell(params, kind, name, row, config, init, data, device)
+                    atomic_write_json(_cell(kind, name), cell)
+                    write_report(params, kind)
+    return write_report(params, kind)
 
 
-def _mean_std(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
+def distil_cell(params: Params, kind: str, name: str, row: MethodParams, config: Any, init: SyntheticInit,
+                data: DatasetSplits, device: torch.device) -> dict[str, Any]:
+    """One distillation (resumable through its checkpoint) and the test accuracy of the set kept on validation."""
+    log.info("study %s: distilling %s", kind, name)
+    folder = EXPERTS / row.buffer
+    tag = None
+    if row.mct_anchors is not None:
+        folder, tag = folder / "convex", convex_tag(row.mct_anchors, params.buffer.mct_beta)
+    trajectories = [t.to(device) for t in load_buffer(folder, tag, params.distill.num_experts)]
+    checkpoints = CHECKPOINTS / "study" / kind / name
+    result = distill_set(params, config, trajectories, init, data, device, checkpoints, folder)
+    scored = test_accuracy(params, result.best["images"], result.labels, float(result.best["syn_lr"]), data, device)
+    (checkpoints / "distill_checkpoint.pt").unlink(missing_ok=True)
+    return {"row": name.rsplit("-ipc", 1)[0], "ipc": config.ipc, "seed": config.seed,
+            "selected_iteration": result.best["iteration"], "distilled": bool(result.best["iteration"]),
+            "validation": result.validation, "syn_lr": float(result.best["syn_lr"]), **scored}
 
 
-def write_report(params: Params) -> pd.DataFrame:
+def write_report(params: Params, kind: str) -> pd.DataFrame:
+    return (buffers_report if kind == "buffers" else modules_report)(params)
+
+
+def _cells(kind: str, row: str, ipc: int, seeds: list[int]) -> list[dict[str, Any]]:
+    return [c for s in seeds if (c := _read(kind, f"{row}-ipc{ipc}-s{s}")) is not None]
+
+
+def _start_row(kind: str, ipc: int, seeds: list[int], label: dict[str, Any]) -> dict[str, Any] | None:
+    """The random real subsets the distillations start from, scored with the same seeds."""
+    starts = [c["test_mean"] for c in _cells(kind, "start", ipc, seeds)]
+    if not starts:
+        return None
+    return {**label, "distilled_test_acc" if kind == "buffers" else "test_acc": _mean_std(starts),
+            "seeds": len(starts), "per_seed": " / ".join(f"{v:.2f}" for v in starts)}
+
+
+def _protocol(params: Params, kind: str) -> str:
+    b, h = params.buffer, params.distill.hyper
+    return (f"Fashion-MNIST, ConvNet width {params.model.width}; {b.num_experts} experts x {b.epochs} epochs on "
+            f"{b.train_size or 'all'} training images per buffer variant. Distillation: ipc "
+            f"{'/'.join(map(str, params.distill.ipcs))}, {h.iterations} iterations (N {h.syn_steps}, M "
+            f"{h.expert_epochs}, T+ {h.max_start_epoch}, lr_img {h.lr_img:g}, initial alpha {h.lr_teacher:g}), set "
+            f"kept on validation ({params.distill.eval_models} network x {params.distill.eval_iterations} iterations "
+            f"every {params.distill.eval_every}); test accuracy: mean over {params.evaluate.num_models} networks x "
+            f"{params.evaluate.iterations} iterations per seed, mean ± std over {len(params.study.seeds)} "
+            f"distillation seeds ({kind} study).")
+
+
+def buffers_report(params: Params) -> pd.DataFrame:
     """buffers_study.csv/.md and the per-epoch figures, from the experts' metadata and the finished cells."""
     rows, grad_curves, step_curves = [], {}, {}
-    ipc = params.distill.ipcs[0]
+    ipc, seeds = params.distill.ipcs[0], params.study.seeds
     for variant in params.buffer.train:
-        paths = list_buffer(STUDY / "buffer" / variant)[: params.buffer.num_experts]
+        folder = EXPERTS / variant
+        paths = list_buffer(folder)[: params.buffer.num_experts] if folder.is_dir() else []
         histories = [read_metadata(p)["history"] for p in paths]
-        cells = [json.loads(_cell(f"{variant}-ipc{ipc}-s{s}").read_text()) for s in params.study.seeds
-                 if _cell(f"{variant}-ipc{ipc}-s{s}").is_file()]
         if not histories:
             continue
-        seed_means = [c["test_mean"] for c in cells]
+        cells = _cells("buffers", variant, ipc, seeds)
         rows.append({
             "variant": variant,
             "avg_var": _mean_std([statistics.fmean(h["step_sq_norm"]) for h in histories], 4),
             "expert_test_acc": _mean_std([h["test_acc"][-1] for h in histories]),
-            "distilled_test_acc": _mean_std(seed_means) if seed_means else "",
+            "distilled_test_acc": _mean_std([c["test_mean"] for c in cells]) if cells else "",
             "grad_norm_init": _mean_std([h["grad_norm_init"]["grad_norm_mean"] for h in histories], 4),
             "grad_norm_final": _mean_std([h["grad_norm_mean"][-1] for h in histories], 4),
             "grad_norm_q10_q90_final": "{:.3g} / {:.3g}".format(
                 statistics.fmean(h["grad_norm_q10"][-1] for h in histories),
                 statistics.fmean(h["grad_norm_q90"][-1] for h in histories)),
+            "gp_norm": read_metadata(paths[0])["config"]["gp_norm"],
             "experts": len(histories), "seeds": len(cells),
+            "per_seed": " / ".join(f"{c['test_mean']:.2f}" for c in cells),
             "selected_iterations": "/".join(str(c["selected_iteration"]) for c in cells),
         })
         epochs = list(range(len(histories[0]["step_sq_norm"]) + 1))
+        per_epoch = [statistics.fmean(v) for v in zip(*(h["grad_norm_mean"] for h in histories), strict=True)]
         grad_curves[variant] = (epochs, [statistics.fmean(h["grad_norm_init"]["grad_norm_mean"] for h in histories),
-                                         *(statistics.fmean(v) for v in zip(*(h["grad_norm_mean"] for h in histories),
-                                                                              strict=True))])
-        step_curves[variant] = (epochs[:-1], [statistics.fmean(v) for v in zip(*(h["step_sq_norm"] for h in histories),
-                                                                                strict=True)])
-    starts = [json.loads(_cell(f"start-ipc{ipc}-s{s}").read_text())["test_mean"] for s in params.study.seeds
-              if _cell(f"start-ipc{ipc}-s{s}").is_file()]
-    if starts:
-        rows.append({"variant": START_ROW, "distilled_test_acc": _mean_std(starts), "seeds": len(starts)})
-    frame = pd.DataFrame(rows)
-    b = params.buffer
-    note = (f"Fashion-MNIST, ConvNet width {params.model.width}; {b.num_experts} experts x {b.epochs} epochs on "
-            f"{b.train_size or 'all'} training images per variant. avg_var and expert_test_acc: mean ± std over "
-            f"experts. distilled_test_acc: row `{params.study.method}` of distill.configs on each buffer, ipc "
-            f"{params.distill.ipcs[0]}, {params.distill.hyper.iterations} iterations, set kept on validation; mean ± "
-            f"std over {len(params.study.seeds)} distillation seeds of the mean over {params.evaluate.num_models} "
-            f"test networks ({params.evaluate.iterations} iterations each).")
+                                         *per_epoch])
+        step_curves[variant] = (epochs[:-1], [statistics.fmean(v) for v in
+                                              zip(*(h["step_sq_norm"] for h in histories), strict=True)])
+    start = _start_row("buffers", ipc, seeds, {"variant": "random real subset (the distillations' start)"})
+    frame = pd.DataFrame(rows + ([start] if start else []))
+    note = (_protocol(params, "buffers") + f" Row `{params.study.method}` of distill.configs distilled from each "
+            "buffer. avg_var, expert_test_acc and the input-gradient norms (per sample or per pixel, as gp_norm): "
+            "mean ± std over experts.")
     write_table(frame, "buffers_study", "AST Table VII at CPU size", note)
-    figures = REPORT / "figures"
     if grad_curves:
-        plot_curves(grad_curves, figures / "buffers_study_grad_norm.png", "epoch",
+        plot_curves(grad_curves, FIGURES / "buffers_study_grad_norm.png", "epoch",
                     "input-gradient norm (mean over experts)", logy=True,
                     title="what the penalty constrains, per buffer variant")
-        plot_curves(step_curves, figures / "buffers_study_step_sq_norm.png", "epoch t", "|θ_t − θ_t+1|²",
+        plot_curves(step_curves, FIGURES / "buffers_study_step_sq_norm.png", "epoch t", "|θ_t − θ_t+1|²",
                     logy=True, title="parameter change per epoch (Avg_Var is its mean)")
+    return frame
+
+
+def modules_report(params: Params) -> pd.DataFrame:
+    """modules_study.csv/.md, convergence_study.csv/.md and the convergence figure, from the finished cells."""
+    rows, curves, series, bands = [], [], {}, {}
+    seeds = params.study.seeds
+    for ipc in params.distill.ipcs:
+        for row in params.study.rows:
+            cells = _cells("modules", row, ipc, seeds)
+            if not cells:
+                continue
+            means = [c["test_mean"] for c in cells]
+            rows.append({"row": row, "ipc": ipc, "seeds": len(cells), "test_acc": _mean_std(means),
+                         "per_seed": " / ".join(f"{v:.2f}" for v in means),
+                         "selected_iterations": "/".join(str(c["selected_iteration"]) for c in cells)})
+            by_iteration: dict[int, list[float]] = {}
+            for cell in cells:
+                for point in cell["validation"]:
+                    by_iteration.setdefault(point["iteration"], []).append(point["val_acc"])
+            points = sorted((i, v) for i, v in by_iteration.items() if len(v) == len(cells))
+            for iteration, values in points:
+                curves.append({"row": row, "ipc": ipc, "iteration": iteration, "seeds": len(values),
+                               "val_acc": _mean_std(values), "mean": statistics.fmean(values),
+                               "std": statistics.pstdev(values)})
+            label = f"{row} (ipc {ipc})"
+            series[label] = ([i for i, _ in points], [statistics.fmean(v) for _, v in points])
+            bands[label] = [statistics.pstdev(v) for _, v in points]
+        start = _start_row("modules", ipc, seeds, {"row": "random real subset (start of real-init rows)", "ipc": ipc})
+        if start:
+            rows.append(start)
+    frame = pd.DataFrame(rows)
+    write_table(frame, "modules_study", "AST Table VIII and MCT at CPU size", _protocol(params, "modules"))
+    write_table(pd.DataFrame(curves), "convergence_study", "Validation accuracy per distillation iteration",
+                _protocol(params, "modules") + " Iteration 0 is the starting set.")
+    if series:
+        plot_curves(series, FIGURES / "modules_study_convergence.png", "distillation iteration",
+                    "validation accuracy (%)", bands=bands,
+                    title=f"convergence, mean ± std over {len(seeds)} seeds")
     return frame

@@ -125,3 +125,47 @@ def test_parallel_workers_match_serial_training(digits, tmp_path: Path, monkeypa
         serial = load_trajectory(expert_path(tmp_path / "serial", index))
         parallel = load_trajectory(expert_path(tmp_path / "parallel", index))
         assert torch.equal(serial.checkpoints, parallel.checkpoints)
+
+
+def test_history_records_the_input_gradient_norm_per_epoch_and_at_init(trained) -> None:
+    _, history = trained
+    for key in ("grad_norm_mean", "grad_norm_q10", "grad_norm_q90"):
+        assert len(history[key]) == TINY.epochs
+        assert all(q10 <= mean <= q90 for q10, mean, q90 in
+                   zip(history["grad_norm_q10"], history["grad_norm_mean"], history["grad_norm_q90"], strict=True))
+    init = history["grad_norm_init"]
+    assert 0 < init["grad_norm_q10"] <= init["grad_norm_mean"] <= init["grad_norm_q90"]
+
+
+def test_grad_norm_stats_match_a_hand_computation_on_a_linear_model() -> None:
+    # f(x) = W vec(x): every sample's input gradient is Σ_c W_c = (3, 4) -> norm 5, so all stats are 5.
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 4.0], [2.0, 0.0]]))
+    stats = experts.grad_norm_stats(model, torch.randn(7, 2), "sample")
+    assert stats == pytest.approx({"grad_norm_mean": 5.0, "grad_norm_q10": 5.0, "grad_norm_q90": 5.0})
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_lr_step_rebuilds_the_optimiser_only_when_asked(digits, monkeypatch: pytest.MonkeyPatch, rebuild: bool) -> None:
+    built = []
+    original = experts.make_optimizer
+
+    def counting(model, config):
+        built.append(config)
+        return original(model, config)
+
+    monkeypatch.setattr(experts, "make_optimizer", counting)
+    config = ExpertConfig(width=8, epochs=2, batch_size=256, lr_decay_epoch=1, lr_decay_factor=0.6,
+                          lr_decay_rebuild=rebuild, grad_penalty=False)
+    _, history = train_expert(digits, config, seed=0)
+    assert len(built) == (2 if rebuild else 1)
+    assert history["lr"] == pytest.approx([0.01, 0.006])
+
+
+def test_summary_and_figure_carry_the_gradient_norms(tmp_path: Path, digits) -> None:
+    summary = train_experts(digits, ExpertConfig(width=8, epochs=1, batch_size=256), tmp_path, num_experts=1)
+    assert summary["grad_norm_mean"]["mean"] > 0 and summary["grad_norm_init"]["mean"] > 0
+    assert (tmp_path / "grad_norm.png").is_file()
+    with open(tmp_path / "metrics.csv") as handle:
+        assert {"grad_norm_mean", "grad_norm_q10", "grad_norm_q90"} <= set(next(csv.DictReader(handle)))

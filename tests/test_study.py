@@ -1,0 +1,82 @@
+"""`ast-dd study buffers|modules` on the tiny profile: tables, figures, resume, and bad settings before compute."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline import study
+from pipeline.params import load_params
+from pipeline.schema import ParamsError
+from pipeline.stages import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERLAY = {"buffer": {"num_experts": 1, "epochs": 4}, "distill": {"hyper": {"iterations": 2}, "eval_every": 1},
+           "evaluate": {"num_models": 1, "iterations": 5},
+           "study": {"method": "mtt", "rows": ["mtt", "mct2", "rep_init"], "seeds": [0, 1]}}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    """A scratch folder holding the tiny profile and the overlay; the studies run in it."""
+    path = tmp_path_factory.mktemp("study")
+    shutil.copy(ROOT / "profiles" / "tiny.yaml", path / "params.yaml")
+    (path / "overlay.yaml").write_text(yaml.safe_dump(OVERLAY))
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    params = load_params("params.yaml", ["overlay.yaml"])
+    prepare.run(params)
+    yield path, params
+    torch.set_num_threads(threads)
+    monkeypatch.undo()
+
+
+def test_buffers_study_writes_table_vii_and_resumes_without_recomputing(project) -> None:
+    path, params = project
+    frame = study.run(params, "buffers")
+    table = pd.read_csv(path / "artifacts/report/tables/buffers_study.csv")
+    assert list(table.columns[:4]) == ["variant", "avg_var", "expert_test_acc", "distilled_test_acc"]
+    assert set(table["variant"][:2]) == {"ast", "sgd"} and table["variant"].iloc[-1].startswith("random real")
+    assert all(" ± " in value for value in table["distilled_test_acc"])
+    assert (table["seeds"] == 2).all() and len(frame) == 3
+    for figure in ("buffers_study_grad_norm.png", "buffers_study_step_sq_norm.png"):
+        assert (path / "artifacts/report/figures" / figure).is_file()
+    cells = sorted((path / "artifacts/study/buffers/cells").glob("*.json"))
+    stamps = [cell.stat().st_mtime_ns for cell in cells]
+    assert len(cells) == 6  # 2 variants x 2 seeds + 2 starts
+    study.run(params, "buffers")
+    assert [cell.stat().st_mtime_ns for cell in cells] == stamps
+
+
+def test_modules_study_writes_rows_and_convergence_curves(project) -> None:
+    path, params = project
+    study.run(params, "modules")
+    table = pd.read_csv(path / "artifacts/report/tables/modules_study.csv")
+    assert list(table.columns) == ["row", "ipc", "seeds", "test_acc", "per_seed", "selected_iterations"]
+    assert list(table["row"][:3]) == ["mtt", "mct2", "rep_init"]
+    curves = pd.read_csv(path / "artifacts/report/tables/convergence_study.csv")
+    assert sorted(set(curves["iteration"])) == [0, 1, 2]
+    assert set(curves["row"]) == {"mtt", "mct2", "rep_init"}
+    assert (path / "artifacts/study/experts/sgd/convex/expert_000.mct2.safetensors").is_file()
+    assert (path / "artifacts/report/figures/modules_study_convergence.png").is_file()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"study": {"method": None}}, "study.method"),
+    ({"study": {"method": "rep_init"}}, "representative"),
+    ({"study": {"rows": []}}, "study.rows"),
+    ({"study": {"rows": ["mct4"]}}, "mct_anchors"),
+])
+def test_bad_study_settings_fail_before_compute(tmp_path: Path, change: dict, message: str) -> None:
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(change))
+    params = load_params(ROOT / "profiles" / "tiny.yaml", [tmp_path / "overlay.yaml"])
+    kind = "buffers" if "method" in change["study"] else "modules"
+    with pytest.raises(ParamsError, match=message):
+        study.check(params, kind)
