@@ -20,12 +20,13 @@ log = logging.getLogger(__name__)
 
 GROUPS: dict[str, dict[str, object]] = {
     # AST Table VII: distil the same way from SGD / momentum / +GP / +GP+clip experts.
-    "buffers": {"buffer.train": ["sgd", "momentum", "momentum_gp", "ast"],
+    "buffers": {"buffer.train": ["sgd", "momentum", "momentum_gp", "ast"], "init.buffer": "sgd",
                 "distill.methods": ["buf_sgd", "buf_momentum", "buf_momentum_gp", "buf_ast"]},
     # AST Table VIII: base, +representative init, +balanced loss, +intermediate matching, +weight perturbation.
-    "modules": {"buffer.train": ["ast"], "distill.methods": ["base", "rep_init", "balanced", "intermediate", "ast"]},
+    "modules": {"buffer.train": ["ast"], "init.buffer": "ast",
+                "distill.methods": ["base", "rep_init", "balanced", "intermediate", "ast"]},
     # MCT on/off and 2 vs 4 anchors, on MTT's experts and with full AST.
-    "mct": {"buffer.train": ["sgd", "ast"], "buffer.mct_anchors": [2, 4],
+    "mct": {"buffer.train": ["sgd", "ast"], "init.buffer": "ast", "buffer.mct_anchors": [2, 4],
             "distill.methods": ["mtt", "mct2", "mct4", "ast", "ast_mct2"]},
 }
 

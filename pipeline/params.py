@@ -277,6 +277,7 @@ class Params:
             if method.mct_anchors is not None and method.mct_anchors not in self.buffer.mct_anchors:
                 raise ParamsError(f"{key}.mct_anchors: {method.mct_anchors} is not built by buffer.mct_anchors "
                                   f"({list(self.buffer.mct_anchors)})")
+        for name in self.distill.configs:  # every row, run now or by an experiment or study later
             for ipc in self.distill.ipcs:
                 self.distill_config(name, ipc)  # raises ParamsError naming the key
         for key, name in [("study.method", self.study.method), *(("study.rows", row) for row in self.study.rows)]:
