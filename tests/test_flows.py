@@ -26,8 +26,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY_STAGES = {"prepare", "buffer@ast", "buffer@sgd", "init", "distill@ast-1", "distill@mtt-1", "evaluate@ast-1",
-               "evaluate@mtt-1", "baselines", "report"}
+TINY_STAGES = {"prepare", "buffer@ast", "buffer@sgd", "convexify@ast", "convexify@sgd", "init", "distill@ast-1",
+               "distill@mtt-1", "evaluate@ast-1", "evaluate@mtt-1", "baselines", "report"}
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")]
 
 TOY_STAGE = """\
@@ -158,7 +158,8 @@ def test_training_stages_are_tagged_gpu_and_independent_stages_overlap(tiny_run)
     _, state = tiny_run
     runs = task_runs(state.state_details.flow_run_id)
     assert {run.name for run in runs} == TINY_STAGES
-    assert {run.name for run in runs if "gpu" in run.tags} == TINY_STAGES - {"prepare", "init", "report"}
+    cpu_only = {"prepare", "init", "report", "convexify@ast", "convexify@sgd"}  # convexify: seconds, no training
+    assert {run.name for run in runs if "gpu" in run.tags} == TINY_STAGES - cpu_only
     assert 2 <= peak_gpu_concurrency(runs) <= 3
 
 
@@ -174,7 +175,8 @@ def test_results_artifact_and_mlflow_runs_name_the_flow_run(tiny_run) -> None:
     runs = mlflow.search_runs(experiment_names=["ast-dd-tiny"], output_format="pandas")
     parent = runs[runs["tags.stage"] == "pipeline"]["run_id"].item()
     stages = runs[runs["tags.mlflow.parentRunId"] == parent]
-    assert {"prepare", "buffer", "init", "distill", "evaluate", "baselines", "report"} == set(stages["tags.stage"])
+    assert {"prepare", "buffer", "convexify", "init", "distill", "evaluate", "baselines", "report"} == set(
+        stages["tags.stage"])
     assert set(stages["tags.prefect_flow_run_id"]) == {str(flow_run_id)}
     assert set(runs["status"]) == {"FINISHED"}
 
@@ -184,7 +186,8 @@ def test_second_run_of_a_target_leaves_caching_to_dvc(tiny_run) -> None:
 
     project, _ = tiny_run
     outcomes = ast_pipeline(targets=["evaluate@mtt-1"], project_dir=str(project))
-    needed = {"prepare", "buffer@ast", "buffer@sgd", "init", "distill@mtt-1", "evaluate@mtt-1"}
+    needed = {"prepare", "buffer@ast", "buffer@sgd", "convexify@ast", "convexify@sgd", "init", "distill@mtt-1",
+              "evaluate@mtt-1"}
     assert outcomes == dict.fromkeys(needed, "up to date")
 
 
