@@ -125,6 +125,7 @@ def test_buffer_variant_gives_the_expert_settings() -> None:
 def test_mct_method_needs_its_anchors_built(tmp_path: Path) -> None:
     data = with_change("distill.methods", ["mct4"])
     data["buffer"]["train"] = ["ast", "sgd"]
+    data["init"]["buffer"] = "sgd"
     with pytest.raises(ParamsError, match="distill.configs.mct4.mct_anchors"):
         load_params(write(tmp_path, data))
 

@@ -41,10 +41,14 @@ def write_table(frame: pd.DataFrame, stem: str, title: str, note: str = "") -> l
     return [csv_path, md_path]
 
 
-def results_frame() -> tuple[pd.DataFrame, str]:
+def results_frame(cells: set[tuple[str, int]] | None = None) -> tuple[pd.DataFrame, str]:
+    """Distilled cells (only the (method, ipc) pairs in `cells` when given: outputs of cells since removed from
+    the matrix are left out), then the real-subset baselines and full-data training."""
     rows, note = [], ""
     for path in sorted(EVALUATE.glob("*/ipc*/metrics.json")):
         metrics = json.loads(path.read_text())
+        if cells is not None and (metrics["method"], metrics["ipc"]) not in cells:
+            continue
         note = metrics["protocol"]
         selected = _selected_iteration(metrics["method"], metrics["ipc"])
         for arch, result in metrics["results"].items():
@@ -68,6 +72,7 @@ def results_frame() -> tuple[pd.DataFrame, str]:
     frame = pd.DataFrame(rows)
     if "selected_iteration" in frame:  # real subsets have none
         frame["selected_iteration"] = ["" if pd.isna(v) else str(int(v)) for v in frame["selected_iteration"]]
+        frame["distilled"] = frame["distilled"].fillna("")
     if len(frame):
         frame = frame.sort_values(["ipc", "arch", "mean"], ascending=[True, True, False], key=_sort_key)
     return frame, note
@@ -186,7 +191,7 @@ def figures() -> list[Path]:
 
 def run(params: Params) -> None:
     with tracking.stage_run("report", params.tracking.experiment, "report", {"experiment": params.tracking.experiment}):
-        results, note = results_frame()
+        results, note = results_frame({(m, ipc) for m in params.distill.methods for ipc in params.distill.ipcs})
         outputs = write_table(results.drop(columns=["mean", "std"], errors="ignore"), "results",
                               f"Results on {params.data.dataset}", note)
         outputs += write_table(buffers_frame(), "buffers", "Expert buffers (AST Table VII layout)",
