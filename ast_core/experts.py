@@ -413,7 +413,7 @@ def summarize_buffer(folder: str | os.PathLike, num_experts: int | None = None) 
     return summary
 
 
-def _epoch_curve(histories: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]] | None:
+def epoch_curve(histories: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]] | None:
     """Per-epoch mean and std of `key` across experts, or None when it was not recorded."""
     columns = list(zip(*(h[key] for h in histories), strict=True))
     if any(v is None for column in columns for v in column):
@@ -428,29 +428,32 @@ def _plot_buffer(out: Path, histories: Sequence[dict[str, Any]], config: dict[st
     epochs = list(range(1, len(histories[0]["test_acc"]) + 1))
     series, bands = {}, {}
     for split in ("train", "val", "test"):
-        curve = _epoch_curve(histories, f"{split}_acc")
+        curve = epoch_curve(histories, f"{split}_acc")
         if curve is not None:
             series[split], bands[split] = (epochs, curve[0]), curve[1]
     plot_curves(series, out / "accuracy.png", "epoch", "accuracy (%)",
                 title=f"expert accuracy (mean ± std over {n} experts)", bands=bands)
-    mean, std = _epoch_curve(histories, "step_sq_norm")
+    mean, std = epoch_curve(histories, "step_sq_norm")
     label = "|θ_t − θ_t+1|²"
     plot_curves({label: (list(range(len(mean))), mean)}, out / "step_sq_norm.png", "epoch t", label,
                 title=f"parameter change per epoch (AST Fig. 9, {n} experts)", logy=True, bands={label: std})
     _plot_grad_norms(out, histories, config)
 
 
+def grad_norm_curve(histories: Sequence[dict[str, Any]], key: str) -> list[float]:
+    """`key` (grad_norm_mean/q10/q90) at θ_0 and after every epoch, mean over experts (epoch 0 = θ_0)."""
+    return [statistics.fmean(h["grad_norm_init"][key] for h in histories), *epoch_curve(histories, key)[0]]
+
+
 def _plot_grad_norms(out: Path, histories: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
     """grad_norm.png: input-gradient norm per epoch (epoch 0 = θ_0), mean over experts with the mean 10-90 %
     quantile band, against the penalty's target K when a penalty is in use."""
-    def curve(key: str) -> list[float]:
-        return [statistics.fmean(h["grad_norm_init"][key] for h in histories), *_epoch_curve(histories, key)[0]]
-
     epochs = list(range(len(histories[0]["test_acc"]) + 1))
     label = f"per-{config['gp_norm']} norm"
-    series = {label: (epochs, curve("grad_norm_mean"))}
+    series = {label: (epochs, grad_norm_curve(histories, "grad_norm_mean"))}
     if config["grad_penalty"]:
         series[f"target K = {config['gp_target']}"] = (epochs, [config["gp_target"]] * len(epochs))
     plot_curves(series, out / "grad_norm.png", "epoch", "‖∇x Σc f(x)c‖ (mean, 10-90 % band)", logy=True,
                 title=f"input-gradient norm the penalty constrains ({len(histories)} experts)",
-                ranges={label: (curve("grad_norm_q10"), curve("grad_norm_q90"))})
+                ranges={label: (grad_norm_curve(histories, "grad_norm_q10"),
+                                grad_norm_curve(histories, "grad_norm_q90"))})

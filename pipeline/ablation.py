@@ -12,7 +12,7 @@ import logging
 import subprocess
 
 from pipeline import tracking
-from pipeline.params import Params
+from pipeline.params import Params, check_seeds
 from pipeline.runner import dvc_command, ensure_params_file, run_dvc
 from pipeline.schema import ParamsError
 
@@ -56,8 +56,8 @@ def run_ablations(params: Params, params_path: str, groups: list[str] | None = N
     unknown = [g for g in chosen if g not in GROUPS]
     if unknown:
         raise ParamsError(f"--group: {unknown[0]!r} is unknown; allowed: {', '.join(GROUPS)}")
-    if seeds is not None and (not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds)):
-        raise ParamsError(f"--seeds: {seeds} must be distinct integers >= 0")
+    if seeds is not None:
+        check_seeds("--seeds", seeds)
     for group in chosen:
         for seed in seeds or [None]:
             name = experiment_name(group, seed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -18,9 +20,11 @@ def student(params: Params, info: DatasetInfo) -> nn.Module:
 
 
 def final_expert(params: Params, info: DatasetInfo, variant: str, index: int,
-                 device: torch.device) -> nn.Module:
-    """The expert's network at its last epoch, in eval mode on `device` (AST IV-C1's well-trained model)."""
-    path = expert_path(buffer_dir(variant), index)
+                 device: torch.device, folder: Path | None = None) -> nn.Module:
+    """The expert's network at its last epoch, in eval mode on `device` (AST IV-C1's well-trained model).
+
+    `folder` holds the variant's experts (default: the pipeline's `buffer_dir(variant)`)."""
+    path = expert_path(folder if folder is not None else buffer_dir(variant), index)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the buffer stage for variant {variant!r} first")
     trajectory = load_trajectory(path)

@@ -27,6 +27,12 @@ CORESET_BASELINES = ("random", "herding", "kcenter", "kmeans")
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
+def check_seeds(key: str, seeds: list[int] | tuple[int, ...]) -> None:
+    """Seeds for repeated runs: a non-empty list of distinct integers >= 0."""
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ParamsError(f"{key}: {list(seeds)} must be distinct integers >= 0")
+
+
 def _check_name(key: str, name: str) -> None:
     if not name or set(name) - NAME_CHARS:
         raise ParamsError(f"{key}: {name!r} must be lower-case letters, digits, '_' or '-'")
@@ -238,8 +244,7 @@ class StudyParams:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
     def __post_init__(self) -> None:
-        if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
-            raise ParamsError(f"study.seeds: {list(self.seeds)} must be distinct integers >= 0")
+        check_seeds("study.seeds", self.seeds)
 
 
 @dataclass(frozen=True)
@@ -269,14 +274,7 @@ class Params:
         if not 0 <= self.init.expert_index < self.buffer.num_experts:
             raise ParamsError(f"init.expert_index: {self.init.expert_index} must be in [0, buffer.num_experts)")
         for name in self.distill.methods:
-            method = self.distill.configs[name]
-            key = f"distill.configs.{name}"
-            if method.buffer not in self.buffer.train:
-                raise ParamsError(f"{key}.buffer: {method.buffer!r} is not trained by buffer.train "
-                                  f"({', '.join(self.buffer.train)})")
-            if method.mct_anchors is not None and method.mct_anchors not in self.buffer.mct_anchors:
-                raise ParamsError(f"{key}.mct_anchors: {method.mct_anchors} is not built by buffer.mct_anchors "
-                                  f"({list(self.buffer.mct_anchors)})")
+            self.check_runnable(name, self.distill.configs[name])
         for name in self.distill.configs:  # every row, run now or by an experiment or study later
             for ipc in self.distill.ipcs:
                 self.distill_config(name, ipc)  # raises ParamsError naming the key
@@ -284,6 +282,16 @@ class Params:
             if name is not None and name not in self.distill.configs:
                 raise ParamsError(f"{key}: {name!r} has no entry in distill.configs "
                                   f"(defined: {', '.join(self.distill.configs)})")
+
+    def check_runnable(self, name: str, method: MethodParams) -> None:
+        """A row this run distils needs its buffer trained and its convexified form built (names the key)."""
+        key = f"distill.configs.{name}"
+        if method.buffer not in self.buffer.train:
+            raise ParamsError(f"{key}.buffer: {method.buffer!r} is not trained by buffer.train "
+                              f"({', '.join(self.buffer.train)})")
+        if method.mct_anchors is not None and method.mct_anchors not in self.buffer.mct_anchors:
+            raise ParamsError(f"{key}.mct_anchors: {method.mct_anchors} is not built by buffer.mct_anchors "
+                              f"({list(self.buffer.mct_anchors)})")
 
     @property
     def distill_seed(self) -> int:

@@ -30,14 +30,14 @@ import torch
 
 from ast_core.data import DatasetSplits
 from ast_core.evaluate import evaluate_synthetic
-from ast_core.experts import train_experts
+from ast_core.experts import epoch_curve, grad_norm_curve, train_experts
 from ast_core.init import SyntheticInit, initial_synthetic_set
 from ast_core.io import atomic_write_json
-from ast_core.models import FlatModel, batched_features
+from ast_core.models import batched_features
 from ast_core.trajectory import convex_tag, convexify_buffer, list_buffer, load_buffer, read_metadata
 from ast_core.viz import plot_curves
 from pipeline.layout import ARTIFACTS, CHECKPOINTS, REPORT
-from pipeline.modelling import student
+from pipeline.modelling import final_expert
 from pipeline.params import MethodParams, Params
 from pipeline.prepared import class_balanced_subset, load_prepared, resolve_device
 from pipeline.schema import ParamsError
@@ -86,15 +86,8 @@ def check(params: Params, kind: str) -> None:
                               "on one buffer's expert; use init real or noise so every buffer has the same start")
     elif not study.rows:
         raise ParamsError(f"study.rows: list the distill.configs rows to compare ({defined})")
-    for name, row in rows_of(params, kind).items():
-        if row.buffer not in params.buffer.train:
-            raise ParamsError(f"distill.configs.{name}.buffer: {row.buffer!r} is not trained by buffer.train "
-                              f"({', '.join(params.buffer.train)})")
-        if row.mct_anchors is not None and row.mct_anchors not in params.buffer.mct_anchors:
-            raise ParamsError(f"distill.configs.{name}.mct_anchors: {row.mct_anchors} is not in buffer.mct_anchors "
-                              f"({list(params.buffer.mct_anchors)})")
-        for ipc in params.distill.ipcs:
-            params.distill_config(name if kind == "modules" else study.method, ipc)
+    for name, row in rows_of(params, kind).items():  # every configs row x ipc is validated when params load
+        params.check_runnable(name, row)
 
 
 def train_buffers(params: Params, data: DatasetSplits, device: torch.device) -> None:
@@ -112,11 +105,8 @@ def train_buffers(params: Params, data: DatasetSplits, device: torch.device) -> 
 
 def representative_features(params: Params, data: DatasetSplits, device: torch.device) -> torch.Tensor:
     """Features (before the classifier) of `init.buffer`'s expert `init.expert_index` for every training image."""
-    trajectory = load_buffer(EXPERTS / params.init.buffer, None, params.init.expert_index + 1)[-1]
-    model = student(params, data.info)
-    flat = FlatModel(model)
-    flat.load_into_module(trajectory.at(float(trajectory.num_epochs)).float())
-    model = model.to(device).eval()
+    model = final_expert(params, data.info, params.init.buffer, params.init.expert_index, device,
+                         folder=EXPERTS / params.init.buffer)
     return batched_features(lambda x: model.embed(x.to(device)).cpu(), data.train_x)
 
 
@@ -236,11 +226,8 @@ def buffers_report(params: Params) -> pd.DataFrame:
             "selected_iterations": "/".join(str(c["selected_iteration"]) for c in cells),
         })
         epochs = list(range(len(histories[0]["step_sq_norm"]) + 1))
-        per_epoch = [statistics.fmean(v) for v in zip(*(h["grad_norm_mean"] for h in histories), strict=True)]
-        grad_curves[variant] = (epochs, [statistics.fmean(h["grad_norm_init"]["grad_norm_mean"] for h in histories),
-                                         *per_epoch])
-        step_curves[variant] = (epochs[:-1], [statistics.fmean(v) for v in
-                                              zip(*(h["step_sq_norm"] for h in histories), strict=True)])
+        grad_curves[variant] = (epochs, grad_norm_curve(histories, "grad_norm_mean"))
+        step_curves[variant] = (epochs[:-1], epoch_curve(histories, "step_sq_norm")[0])
     start = _start_row("buffers", ipc, seeds, {"variant": "random real subset (the distillations' start)"})
     frame = pd.DataFrame(rows + ([start] if start else []))
     note = (_protocol(params, "buffers") + f" Row `{params.study.method}` of distill.configs distilled from each "
