@@ -1,8 +1,9 @@
 """Dataset loading: decoded once into a uint8 cache, then split, normalised and returned as tensors.
 
 Every dataset ends up as float32 `N x C x H x W` tensors normalised with per-channel mean/std (METHOD.md
-section 1; the fixed statistics follow the MTT reference code) and int64 labels. A validation split is
-carved from the training set per class with an explicit seed, so splits are disjoint and repeatable.
+section 1; the fixed statistics follow the MTT reference code), or left as [0, 1] pixels (`normalize=False`,
+what the MTT/AST code feeds its ZCA), and int64 labels. A validation split is carved from the training set
+per class with an explicit seed, so splits are disjoint and repeatable.
 
 Decoding (IDX files, torchvision archives, JPEG folders) is the slow part, so its result (uint8 images,
 labels, class names) is stored once per dataset name + source + image size as a safetensors file in the
@@ -107,7 +108,10 @@ _FOLDER_PREFIX = "imagefolder:"
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about a dataset: shape, classes and the normalisation in use."""
+    """What a model needs to know about a dataset: shape, classes and the normalisation in use.
+
+    `mean`/`std` are 0 and 1 per channel when the images are left as [0, 1] pixels (no normalisation).
+    """
 
     name: str
     num_classes: int
@@ -120,7 +124,7 @@ class DatasetInfo:
 
 @dataclass
 class DatasetSplits:
-    """Normalised float32 `N x C x H x W` images and int64 labels for train / val / test."""
+    """Float32 `N x C x H x W` images (normalised with `info.mean`/`std`) and int64 labels per split."""
 
     info: DatasetInfo
     train_x: Tensor
@@ -175,6 +179,7 @@ def load_dataset(
     cache_dir: str | os.PathLike | None = None,
     download: bool = True,
     image_size: int | None = None,
+    normalize: bool = True,
 ) -> DatasetSplits:
     """Load `name` (one of `DATASETS` or `imagefolder:PATH`) as normalised tensors with a seeded val split.
 
@@ -182,7 +187,8 @@ def load_dataset(
     fraction in (0, 1) or a count (0: empty val split), carved per class from the training set with `seed`.
     `image_size` resizes (shorter side, then centre crop); default: native size, 64 for Tiny ImageNet, 128
     for the ImageNet subsets, the first image's shorter side for image folders. Mean/std are MTT's fixed
-    values, or for `digits` and image folders computed on the whole official training set.
+    values, or for `digits` and image folders computed on the whole official training set. `normalize=False`
+    keeps [0, 1] pixels (mean 0, std 1 recorded), the input the MTT/AST code fits its ZCA on.
     """
     _check_arguments(name, val_size, seed, image_size)
     cache = Path(cache_dir or os.environ.get("AST_DD_CACHE") or Path.home() / ".cache" / "ast-dd")
@@ -191,7 +197,7 @@ def load_dataset(
     train_idx, val_idx = stratified_split(raw.train_y.numpy(), val_size, seed)
     train = torch.from_numpy(train_idx)
     train_x = raw.train_x[train]
-    mean, std = _STATS[name] if name in _STATS else _pixel_stats(raw.train_x, raw.pixel_max)
+    mean, std = _normalisation(name, raw, normalize)
     info = DatasetInfo(name=name, num_classes=len(raw.class_names), channels=raw.train_x.shape[1],
                        image_size=raw.train_x.shape[-1], mean=mean, std=std, class_names=raw.class_names)
 
@@ -203,6 +209,14 @@ def load_dataset(
     return DatasetSplits(info=info, train_x=normalise(train_x), train_y=raw.train_y[train],
                          val_x=normalise(raw.train_x[val]), val_y=raw.train_y[val],
                          test_x=normalise(raw.test_x), test_y=raw.test_y)
+
+
+def _normalisation(name: str, raw: _Raw, normalize: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) to normalise with: MTT's fixed values, computed ones, or the identity."""
+    if not normalize:
+        channels = raw.train_x.shape[1]
+        return (0.0,) * channels, (1.0,) * channels
+    return _STATS[name] if name in _STATS else _pixel_stats(raw.train_x, raw.pixel_max)
 
 
 def stratified_split(labels: np.ndarray, val_size: float | int, seed: int) -> tuple[np.ndarray, np.ndarray]:

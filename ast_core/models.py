@@ -1,8 +1,10 @@
-"""Networks for distillation and cross-architecture evaluation (METHOD.md section 1).
+"""Networks for distillation and cross-architecture evaluation (METHOD.md sections 1 and 8).
 
 `convnet` is the ConvNet-D of the MTT/AST reference code: D blocks of Conv3x3 -> instance norm (GroupNorm
 with one group per channel, affine) -> ReLU -> AvgPool2x2, then one linear classifier. `resnet18`, `vgg11`
-and `alexnet` reuse torchvision's definitions with their stems adapted to small images.
+and `alexnet` follow the structure of MTT's `networks.py`, the cross-architecture nets its and AST's
+published numbers use: ResNet-18 and VGG-11 with instance norm, AlexNet without normalisation.
+`resnet18_bn` and `vgg11_bn` are torchvision's batch-norm versions with stems adapted to small images.
 
 `FlatModel` gives a functional view of any of them: one flat parameter vector in, logits out. The
 distillation unroll differentiates through a sequence of such vectors.
@@ -14,12 +16,15 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torch.func import functional_call
 
-ARCHITECTURES = ("convnet", "resnet18", "vgg11", "alexnet")
+# MTT/AST forms first, then torchvision's batch-norm versions (options).
+ARCHITECTURES = ("convnet", "resnet18", "vgg11", "alexnet", "resnet18_bn", "vgg11_bn")
 CONVNET_DEPTH_BY_SIZE = {28: 3, 32: 3, 64: 4, 128: 5}
+VGG11_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")  # conv widths, "M" max-pool
 
 
 def default_depth(image_size: int) -> int:
@@ -27,6 +32,21 @@ def default_depth(image_size: int) -> int:
     if image_size in CONVNET_DEPTH_BY_SIZE:
         return CONVNET_DEPTH_BY_SIZE[image_size]
     return max(1, round(math.log2(max(image_size, 8) / 4)))
+
+
+def instance_norm(channels: int) -> nn.GroupNorm:
+    """MTT's 'instancenorm': one group per channel with a learned scale and shift (no batch statistics)."""
+    return nn.GroupNorm(channels, channels, affine=True)
+
+
+def first_padding(image_size: int, padding: int) -> int:
+    """Padding of a network's first conv: 2 more for 28 px inputs, so the map is 32 px as in the MTT code."""
+    return padding + 2 if image_size == 28 else padding
+
+
+def _check_map(size: int, arch: str, image_size: int) -> None:
+    if size < 1:
+        raise ValueError(f"image_size={image_size} is too small for {arch}: the feature map vanishes")
 
 
 class ConvNet(nn.Module):
@@ -39,10 +59,10 @@ class ConvNet(nn.Module):
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for block in range(depth):
-            padding = 3 if block == 0 and image_size == 28 else 1
+            padding = first_padding(image_size, 1) if block == 0 else 1
             layers.append(nn.Conv2d(channels, width, kernel_size=3, padding=padding))
             size = size + 2 * padding - 2
-            layers += [nn.GroupNorm(width, width, affine=True), nn.ReLU(inplace=False), nn.AvgPool2d(2, 2)]
+            layers += [instance_norm(width), nn.ReLU(inplace=False), nn.AvgPool2d(2, 2)]
             channels, size = width, size // 2
         if size < 1:
             raise ValueError(f"depth={depth} is too deep for image_size={image_size}: "
@@ -58,23 +78,94 @@ class ConvNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
-class _TorchvisionWrapper(nn.Module):
-    """Common `embed`/`classifier` interface over an adapted torchvision network."""
+class Network(nn.Module):
+    """A feature stack and a linear classifier on its flattened output: the `embed`/`classifier` interface."""
 
-    def __init__(self, body: nn.Module, classifier: nn.Linear) -> None:
+    def __init__(self, features: nn.Module, classifier: nn.Linear) -> None:
         super().__init__()
-        self.body = body
+        self.features = features
         self.classifier = classifier
 
     def embed(self, x: Tensor) -> Tensor:
-        return self.body(x).flatten(1)
+        return self.features(x).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.embed(x))
 
 
-def _resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """ResNet-18 with a CIFAR-style stem (3x3 conv, stride 1, no max-pool) for images up to 64 px."""
+class BasicBlock(nn.Module):
+    """ResNet basic block with instance norm; a strided 1x1 conv + norm shortcut where the shape changes."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.norm1 = instance_norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1, bias=False)
+        self.norm2 = instance_norm(channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, kernel_size=1, stride=stride, bias=False), instance_norm(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+def _resnet18(in_channels: int, num_classes: int, image_size: int) -> Network:
+    """MTT's ResNet-18: 3x3 stride-1 stem, stages of 64/128/256/512 channels (strides 1, 2, 2, 2), two
+    basic blocks each, global average pool (MTT's 4x4 pool of the 4x4 map at 28/32 px), Linear(512).
+
+    Above 64 px the stem is the ImageNet one (7x7 stride 2 + max-pool), as MTT's ResNet18ImageNet.
+    """
+    if image_size <= 64:
+        stem = [nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False), instance_norm(64),
+                nn.ReLU()]
+    else:
+        stem = [nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False), instance_norm(64),
+                nn.ReLU(), nn.MaxPool2d(kernel_size=3, stride=2, padding=1)]
+    blocks, channels = [], 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        blocks += [BasicBlock(channels, width, stride), BasicBlock(width, width, 1)]
+        channels = width
+    return Network(nn.Sequential(*stem, *blocks, nn.AdaptiveAvgPool2d(1)), nn.Linear(512, num_classes))
+
+
+def _vgg11(in_channels: int, num_classes: int, image_size: int) -> Network:
+    """MTT's VGG-11: eight Conv3x3 -> instance norm -> ReLU, five max-pools, a linear classifier on the
+    flattened map (512 values at 28/32 px; 28 px is padded to 32 in the first conv)."""
+    layers: list[nn.Module] = []
+    channels, size = in_channels, image_size
+    for item in VGG11_LAYOUT:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            size //= 2
+            continue
+        padding = first_padding(image_size, 1) if not layers else 1
+        layers += [nn.Conv2d(channels, item, kernel_size=3, padding=padding), instance_norm(item), nn.ReLU()]
+        channels, size = item, size + 2 * padding - 2
+    _check_map(size, "vgg11", image_size)
+    return Network(nn.Sequential(*layers), nn.Linear(channels * size * size, num_classes))
+
+
+def _alexnet(in_channels: int, num_classes: int, image_size: int) -> Network:
+    """MTT's AlexNet, no normalisation: Conv5x5 128 and 192 each with a max-pool, Conv3x3 256, 192, 192 and
+    a max-pool, a linear classifier on the flattened map (192 x 4 x 4 at 28/32 px)."""
+    padding = first_padding(image_size, 2)
+    features = nn.Sequential(
+        nn.Conv2d(in_channels, 128, kernel_size=5, padding=padding), nn.ReLU(), nn.MaxPool2d(2, 2),
+        nn.Conv2d(128, 192, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2, 2),
+        nn.Conv2d(192, 256, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(256, 192, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(192, 192, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+    )
+    size = (image_size + 2 * padding - 4) // 8  # the first conv's map, then three 2x2 pools
+    _check_map(size, "alexnet", image_size)
+    return Network(features, nn.Linear(192 * size * size, num_classes))
+
+
+def _resnet18_bn(in_channels: int, num_classes: int, image_size: int) -> Network:
+    """torchvision's ResNet-18 (batch norm) with a CIFAR-style stem (3x3 conv, stride 1, no max-pool) up to 64 px."""
     net = torchvision.models.resnet18(num_classes=num_classes)
     if image_size <= 64:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -83,11 +174,11 @@ def _resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     classifier = net.fc
     net.fc = nn.Identity()
-    return _TorchvisionWrapper(net, classifier)
+    return Network(net, classifier)
 
 
-def _vgg11(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """VGG-11 with batch norm; the max-pools that would shrink a small map below 1x1 are dropped."""
+def _vgg11_bn(in_channels: int, num_classes: int, image_size: int) -> Network:
+    """torchvision's VGG-11 with batch norm; the max-pools that would shrink a small map below 1x1 are dropped."""
     net = torchvision.models.vgg11_bn(num_classes=num_classes)
     layers = list(net.features)
     layers[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)
@@ -98,17 +189,13 @@ def _vgg11(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
                 continue
             size //= 2
         kept.append(layer)
-    body = nn.Sequential(*kept, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return _TorchvisionWrapper(body, nn.Linear(512, num_classes))
+    return Network(nn.Sequential(*kept, nn.AdaptiveAvgPool2d(1)), nn.Linear(512, num_classes))
 
 
-def _alexnet(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """AlexNet feature stack with small-image stem (5x5 conv, stride 1) as in DC/MTT's AlexNet."""
-    base = torchvision.models.alexnet(num_classes=num_classes).features
-    stem = nn.Conv2d(in_channels, 64, kernel_size=5, stride=1, padding=4 if image_size == 28 else 2)
-    layers = [stem, *list(base)[1:]]
-    body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return _TorchvisionWrapper(body, nn.Linear(256, num_classes))
+_BUILDERS: dict[str, Callable[[int, int, int], Network]] = {
+    "resnet18": _resnet18, "vgg11": _vgg11, "alexnet": _alexnet, "resnet18_bn": _resnet18_bn,
+    "vgg11_bn": _vgg11_bn,
+}
 
 
 @torch.no_grad()
@@ -119,7 +206,10 @@ def batched_features(feature_fn: Callable[[Tensor], Tensor], x: Tensor, batch_si
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int, width: int = 128,
                 depth: int | None = None) -> nn.Module:
-    """Build an architecture by name; every result has `.embed(x)` and `.classifier`."""
+    """Build an architecture by name; every result has `.embed(x)` and `.classifier`.
+
+    `width` and `depth` shape the ConvNet only; the other networks have the fixed widths of their reference.
+    """
     if name not in ARCHITECTURES:
         raise ValueError(f"arch={name!r} is not supported; allowed: {', '.join(ARCHITECTURES)}")
     for key, value in (("in_channels", in_channels), ("num_classes", num_classes), ("image_size", image_size),
@@ -128,8 +218,7 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
             raise ValueError(f"{key}={value!r} must be a positive integer")
     if name == "convnet":
         return ConvNet(in_channels, num_classes, image_size, width=width, depth=depth)
-    return {"resnet18": _resnet18, "vgg11": _vgg11, "alexnet": _alexnet}[name](in_channels, num_classes,
-                                                                                image_size)
+    return _BUILDERS[name](in_channels, num_classes, image_size)
 
 
 class FlatModel:

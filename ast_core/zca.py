@@ -5,6 +5,8 @@ Fit on the training set: flatten to N x D, centre by the mean, unbiased covarian
 C = U diag(S) U^T (`torch.linalg.eigh`), whitening W = U diag(1/sqrt(S + eps)) U^T and its inverse
 W^-1 = U diag(sqrt(S + eps)) U^T. transform(x) = (x - mean) W; inverse(y) = y W^-1 + mean.
 With eps > 0 the whitened covariance is U diag(S / (S + eps)) U^T (regularised, not exactly identity).
+The MTT/AST code fits it on [0, 1] pixels; on data divided by a std s the eigenvalues S shrink by s^2, so the
+same eps regularises 1/s^2 times less (8-25x for the usual image statistics, METHOD.md section 8).
 """
 
 from __future__ import annotations

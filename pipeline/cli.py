@@ -111,8 +111,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Params], Any], str]] = {
     "baselines": (cmd_baselines, "stage: coreset baselines and full-data training"),
     "report": (cmd_report, "stage: results tables and figures (also from MLflow)"),
     "run": (cmd_run, "the main job: `dvc repro` of the pipeline inside one MLflow parent run"),
-    "study": (cmd_study, "ablation studies at CPU size, resumable: `buffers` (AST Table VII) or `modules` (Table "
-                         "VIII, MCT convergence); see profiles/study-*.yaml"),
+    "study": (cmd_study, "studies at CPU size, resumable: `buffers` (AST Table VII), `modules` (Table VIII, MCT "
+                         "convergence) or `sweep` (hyperparameters on validation); see profiles/study-*.yaml"),
     "ablate": (cmd_ablate, "the paper's ablations (Tables VII/VIII, MCT) as DVC experiments, then the report"),
 }
 
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("targets", nargs="*", help="DVC stages to reproduce (default: all)")
             cmd.add_argument("--force", action="store_true", help="rerun stages even if up to date")
         if name == "study":
-            cmd.add_argument("kind", choices=("buffers", "modules"), help="which study")
+            cmd.add_argument("kind", choices=("buffers", "modules", "sweep"), help="which study")
         if name == "ablate":
             cmd.add_argument("--group", action="append", help="ablation group (repeatable; default: all)")
             cmd.add_argument("--set", action="append", help="extra override key=value for every experiment")

@@ -7,6 +7,7 @@ message starts with the dotted key (e.g. ``distill.configs.ast.perturb_rho: ...`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ class DataParams:
     val_size: int | float = 5000             # validation split carved from train (count or fraction)
     zca: bool = False
     zca_eps: float = 0.1
+    # What ZCA is fitted on: raw = [0, 1] pixels with no mean/std normalisation (the MTT/AST code); normalized =
+    # after mean/std, where the same eps regularises 1/std^2 (8-25x) less (METHOD.md section 8, item 7).
+    zca_fit: Literal["raw", "normalized"] = "raw"
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS and not self.dataset.startswith("imagefolder:"):
@@ -239,12 +243,24 @@ class EvaluateParams:
 class StudyParams:
     """`ast-dd study buffers|modules`: which distillations to compare, over which seeds (>= 3 for mean ± std)."""
 
-    method: str | None = None          # buffers study: the distill.configs row run on every buffer variant
+    method: str | None = None          # buffers and sweep studies: the distill.configs row they distil
     rows: list[str] = field(default_factory=list)   # modules study: distill.configs rows, each on its own buffer
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    grid: dict[str, list[int | float]] = field(default_factory=dict)   # sweep: distill.hyper key -> values
 
     def __post_init__(self) -> None:
         check_seeds("study.seeds", self.seeds)
+        hyper_keys = [f.name for f in dataclasses.fields(Hyper)]
+        for key, values in self.grid.items():
+            if key not in hyper_keys:
+                raise ParamsError(f"study.grid.{key}: not a distill.hyper key; allowed: {', '.join(hyper_keys)}")
+            if not values:
+                raise ParamsError(f"study.grid.{key}: list at least one value")
+
+    def grid_points(self) -> list[dict[str, int | float]]:
+        """Every combination of the grid's values (the cartesian product, in the order written)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
 
 
 @dataclass(frozen=True)
@@ -302,19 +318,25 @@ class Params:
         """
         return self.seed if self.distill.seed is None else self.distill.seed
 
-    def distill_config(self, method: str, ipc: int) -> DistillConfig:
-        """The ast_core DistillConfig of one (method, ipc) cell, checked against the buffer length."""
-        hyper = self.distill.hyper_for(ipc)
+    def distill_config(self, method: str, ipc: int, changes: dict[str, int | float] | None = None) -> DistillConfig:
+        """The ast_core DistillConfig of one (method, ipc) cell, checked against the buffer length.
+
+        `changes` replaces distill.hyper values (a point of the sweep study's grid).
+        """
+        hyper, source, key = self.distill.hyper_for(ipc), "distill.hyper", f"distill.configs.{method} (ipc {ipc})"
+        if changes:
+            source = "study.grid point " + ", ".join(f"{k}={v}" for k, v in changes.items())
+            hyper, key = from_mapping(Hyper, {**dataclasses.asdict(hyper), **changes}, source), f"{key} at {source}"
         chosen = self.distill.configs[method]
         switches = {k: v for k, v in dataclasses.asdict(chosen).items() if k not in ("buffer", "mct_anchors", "init")}
-        key = f"distill.configs.{method} (ipc {ipc})"
         try:
             config = DistillConfig(ipc=ipc, seed=self.distill_seed, **dataclasses.asdict(hyper), **switches)
         except ValueError as error:
             raise ParamsError(f"{key}: {error}") from error
         needed = hyper.max_start_epoch + hyper.expert_epochs - (1 if chosen.sampling == "discrete" else 0)
         if needed > self.buffer.epochs:
-            raise ParamsError(f"distill.hyper.max_start_epoch: {key} needs max_start_epoch + expert_epochs = "
+            where = f"{source}: max_start_epoch" if changes else "distill.hyper.max_start_epoch"
+            raise ParamsError(f"{where}: {key} needs max_start_epoch + expert_epochs = "
                               f"{needed} epochs but buffer.epochs is {self.buffer.epochs}")
         return config
 

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -36,22 +37,44 @@ class Prepared:
     zca: ZCA | None
 
     def to_pixels(self, x: Tensor) -> Tensor:
-        """Inverse ZCA (when used) then inverse mean/std normalisation, for pictures."""
+        """Inverse ZCA (when used) then inverse mean/std normalisation (identity on raw pixels), for pictures."""
         x = x.detach().cpu()
         if self.zca is not None:
             x = self.zca.inverse(x.to(self.zca.device)).cpu()
         return self.data.denormalize(x).clamp(0, 1)
 
 
+def zca_on_raw_pixels(params: Params) -> bool:
+    """True when ZCA is fitted on and applied to [0, 1] pixels (data.zca_fit: raw, the MTT/AST code form)."""
+    return params.data.zca and params.data.zca_fit == "raw"
+
+
 def load_raw(params: Params, download: bool) -> DatasetSplits:
+    """The splits before ZCA: [0, 1] pixels under a raw-pixel ZCA, else mean/std-normalised."""
     return load_dataset(params.data.dataset, root=params.data.root, val_size=params.data.val_size,
-                        seed=params.seed, cache_dir=str(CACHE), download=download)
+                        seed=params.seed, cache_dir=str(CACHE), download=download,
+                        normalize=not zca_on_raw_pixels(params))
 
 
 def fit_and_save_zca(params: Params, data: DatasetSplits) -> ZCA:
+    """Fit ZCA on `data.train_x` (from `load_raw`) and save it with the form it was fitted in."""
     zca = ZCA.fit(data.train_x, eps=params.data.zca_eps)
     state = {k: v.contiguous().cpu() for k, v in zca.state_dict().items()}
-    atomic_write_with(ZCA_FILE, lambda tmp: save_file(state, str(tmp)))
+    meta = {"zca_fit": params.data.zca_fit}
+    atomic_write_with(ZCA_FILE, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return zca
+
+
+def load_zca(params: Params) -> ZCA:
+    """The saved ZCA, checked to be fitted with this run's data.zca_fit and data.zca_eps (else stale)."""
+    if not ZCA_FILE.is_file():
+        raise FileNotFoundError(f"{ZCA_FILE} is missing: run `ast-dd prepare` (or `dvc repro prepare`) first")
+    with safe_open(str(ZCA_FILE), framework="pt") as handle:
+        fitted_on = (handle.metadata() or {}).get("zca_fit", "normalized")  # files from before the key
+    zca = ZCA.from_state_dict(load_file(str(ZCA_FILE)))
+    if (fitted_on, zca.eps) != (params.data.zca_fit, params.data.zca_eps):
+        raise ValueError(f"{ZCA_FILE} was fitted with data.zca_fit={fitted_on}, zca_eps={zca.eps} but params say "
+                         f"{params.data.zca_fit}, {params.data.zca_eps}: run `ast-dd prepare` again")
     return zca
 
 
@@ -60,9 +83,7 @@ def load_prepared(params: Params) -> Prepared:
     data = load_raw(params, download=False)
     if not params.data.zca:
         return Prepared(data, None)
-    if not ZCA_FILE.is_file():
-        raise FileNotFoundError(f"{ZCA_FILE} is missing: run `ast-dd prepare` (or `dvc repro prepare`) first")
-    zca = ZCA.from_state_dict(load_file(str(ZCA_FILE)))
+    zca = load_zca(params)
     whitened = {name: zca.transform(getattr(data, name)) for name in ("train_x", "val_x", "test_x")}
     return Prepared(dataclasses.replace(data, **whitened), zca)
 

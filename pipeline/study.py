@@ -1,4 +1,4 @@
-"""`ast-dd study buffers|modules`: the papers' ablation tables at a size a 2-core machine runs, resumable.
+"""`ast-dd study buffers|modules|sweep`: ablation tables and the hyperparameter sweep at a size 2 cores run, resumable.
 
 Both kinds train the experts of every variant in `buffer.train` (one file each, kept across runs in
 ``artifacts/study/experts/<variant>``), then distil cells (row, ipc, distillation seed) and score the set kept on
@@ -12,8 +12,13 @@ killed study resumes where it stopped and a finished one only rebuilds its table
   (MCT rows on convexified copies). Tables ``modules_study.{csv,md}`` and ``convergence_study.{csv,md}``
   (validation accuracy per iteration, mean ± std over seeds) and figure ``modules_study_convergence.png``.
 
-The random real subsets the distillations start from are scored with the same seeds, so each row reads
-against its start.
+- ``sweep`` (how the default settings are chosen): the `study.method` row at every point of `study.grid` (a
+  cartesian product over distill.hyper keys), scored on the validation split only, never on test. Table
+  ``sweep_study.{csv,md}`` (validation at the start, the best iteration and the last) and figure
+  ``sweep_study.png`` (validation accuracy against iteration, one line per point).
+
+The random real subsets the buffers and modules studies start from are scored with the same seeds, so each row
+reads against its start.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import pandas as pd
 import torch
 
 from ast_core.data import DatasetSplits
+from ast_core.distill import DistillConfig, DistillResult
 from ast_core.evaluate import evaluate_synthetic
 from ast_core.experts import epoch_curve, grad_norm_curve, train_experts
 from ast_core.init import SyntheticInit, initial_synthetic_set
@@ -46,7 +52,7 @@ from pipeline.stages.distill import distill_set
 from pipeline.stages.report import write_table
 
 log = logging.getLogger(__name__)
-KINDS = ("buffers", "modules")
+KINDS = ("buffers", "modules", "sweep")
 STUDY = ARTIFACTS / "study"
 EXPERTS = STUDY / "experts"
 FIGURES = REPORT / "figures"
@@ -70,6 +76,8 @@ def rows_of(params: Params, kind: str) -> dict[str, MethodParams]:
     configs = params.distill.configs
     if kind == "buffers":
         return {v: dataclasses.replace(configs[params.study.method], buffer=v) for v in params.buffer.train}
+    if kind == "sweep":
+        return {params.study.method: configs[params.study.method]}
     return {row: configs[row] for row in params.study.rows}
 
 
@@ -78,14 +86,20 @@ def check(params: Params, kind: str) -> None:
     if kind not in KINDS:
         raise ParamsError(f"study kind {kind!r} is unknown; allowed: {', '.join(KINDS)}")
     study, defined = params.study, ", ".join(params.distill.configs)
+    if kind in ("buffers", "sweep") and study.method is None:
+        raise ParamsError(f"study.method: name the distill.configs row the {kind} study distils ({defined})")
     if kind == "buffers":
-        if study.method is None:
-            raise ParamsError(f"study.method: name the distill.configs row to run on every buffer ({defined})")
         if params.distill.configs[study.method].init == "representative":
             raise ParamsError(f"study.method: {study.method!r} starts from the representative init, which depends "
                               "on one buffer's expert; use init real or noise so every buffer has the same start")
-    elif not study.rows:
+    elif kind == "modules" and not study.rows:
         raise ParamsError(f"study.rows: list the distill.configs rows to compare ({defined})")
+    elif kind == "sweep":
+        if not study.grid:
+            raise ParamsError("study.grid: map distill.hyper keys to the values to try, e.g. {lr_img: [30, 100]}")
+        for point in study.grid_points():
+            for ipc in params.distill.ipcs:
+                params.distill_config(study.method, ipc, point)
     for name, row in rows_of(params, kind).items():  # every configs row x ipc is validated when params load
         params.check_runnable(name, row)
 
@@ -130,6 +144,8 @@ def run(params: Params, kind: str) -> pd.DataFrame:
     features = None
     if any(row.init == "representative" for row in rows.values()):
         features = representative_features(params, data, device)
+    if kind == "sweep":
+        return run_sweep(params, rows[params.study.method], features, data, device)
     for ipc in params.distill.ipcs:
         for seed in params.study.seeds:
             name = f"start-ipc{ipc}-s{seed}"
@@ -146,32 +162,67 @@ def run(params: Params, kind: str) -> pd.DataFrame:
                     init = initial_synthetic_set(row.init, data.train_x, data.train_y, data.info.num_classes, ipc,
                                                  seed=seed, features=features)
                     config = dataclasses.replace(params.distill_config(method, ipc), seed=seed)
-                    cell = distil_cell(params, kind, name, row, config, init, data, device)
-                    atomic_write_json(_cell(kind, name), cell)
+                    _finish(kind, name, distil_cell(params, kind, name, row, config, init, data, device))
                     write_report(params, kind)
     return write_report(params, kind)
 
 
-def distil_cell(params: Params, kind: str, name: str, row: MethodParams, config: Any, init: SyntheticInit,
-                data: DatasetSplits, device: torch.device) -> dict[str, Any]:
-    """One distillation (resumable through its checkpoint) and the test accuracy of the set kept on validation."""
+def distil(params: Params, kind: str, name: str, row: MethodParams, config: DistillConfig, init: SyntheticInit,
+           data: DatasetSplits, device: torch.device) -> DistillResult:
+    """One distillation, resumable through its checkpoint (removed once the cell is written)."""
     log.info("study %s: distilling %s", kind, name)
     folder = EXPERTS / row.buffer
     tag = None
     if row.mct_anchors is not None:
         folder, tag = folder / "convex", convex_tag(row.mct_anchors, params.buffer.mct_beta)
     trajectories = [t.to(device) for t in load_buffer(folder, tag, params.distill.num_experts)]
-    checkpoints = CHECKPOINTS / "study" / kind / name
-    result = distill_set(params, config, trajectories, init, data, device, checkpoints, folder)
+    return distill_set(params, config, trajectories, init, data, device, CHECKPOINTS / "study" / kind / name, folder)
+
+
+def _selection(result: DistillResult) -> dict[str, Any]:
+    return {"selected_iteration": result.best["iteration"], "distilled": bool(result.best["iteration"]),
+            "validation": result.validation, "syn_lr": float(result.best["syn_lr"])}
+
+
+def _finish(kind: str, name: str, cell: dict[str, Any]) -> None:
+    """Write the cell, then drop its resume checkpoint (a rerun must not resume a finished cell)."""
+    atomic_write_json(_cell(kind, name), cell)
+    (CHECKPOINTS / "study" / kind / name / "distill_checkpoint.pt").unlink(missing_ok=True)
+
+
+def distil_cell(params: Params, kind: str, name: str, row: MethodParams, config: DistillConfig,
+                init: SyntheticInit, data: DatasetSplits, device: torch.device) -> dict[str, Any]:
+    """One distillation and the test accuracy of the set kept on validation."""
+    result = distil(params, kind, name, row, config, init, data, device)
     scored = test_accuracy(params, result.best["images"], result.labels, float(result.best["syn_lr"]), data, device)
-    (checkpoints / "distill_checkpoint.pt").unlink(missing_ok=True)
-    return {"row": name.rsplit("-ipc", 1)[0], "ipc": config.ipc, "seed": config.seed,
-            "selected_iteration": result.best["iteration"], "distilled": bool(result.best["iteration"]),
-            "validation": result.validation, "syn_lr": float(result.best["syn_lr"]), **scored}
+    return {"row": name.rsplit("-ipc", 1)[0], "ipc": config.ipc, "seed": config.seed, **_selection(result), **scored}
+
+
+def point_label(point: dict[str, float]) -> str:
+    """A grid point as a file-name-safe label: lr_img=30, syn_steps=20 -> lr_img30_syn_steps20."""
+    return "_".join(f"{key}{value:g}" for key, value in point.items())
+
+
+def run_sweep(params: Params, row: MethodParams, features: torch.Tensor | None, data: DatasetSplits,
+              device: torch.device) -> pd.DataFrame:
+    """Distil the study.method row at every grid point, ipc and seed; validation only (selection, not test)."""
+    method = params.study.method
+    for ipc in params.distill.ipcs:
+        for point in params.study.grid_points():
+            for seed in params.study.seeds:
+                name = f"{point_label(point)}-ipc{ipc}-s{seed}"
+                if _read("sweep", name) is None:
+                    init = initial_synthetic_set(row.init, data.train_x, data.train_y, data.info.num_classes, ipc,
+                                                 seed=seed, features=features)
+                    config = dataclasses.replace(params.distill_config(method, ipc, point), seed=seed)
+                    result = distil(params, "sweep", name, row, config, init, data, device)
+                    _finish("sweep", name, {"point": point, "ipc": ipc, "seed": seed, **_selection(result)})
+                    sweep_report(params)
+    return sweep_report(params)
 
 
 def write_report(params: Params, kind: str) -> pd.DataFrame:
-    return (buffers_report if kind == "buffers" else modules_report)(params)
+    return {"buffers": buffers_report, "modules": modules_report, "sweep": sweep_report}[kind](params)
 
 
 def _cells(kind: str, row: str, ipc: int, seeds: list[int]) -> list[dict[str, Any]]:
@@ -279,4 +330,37 @@ def modules_report(params: Params) -> pd.DataFrame:
         plot_curves(series, FIGURES / "modules_study_convergence.png", "distillation iteration",
                     "validation accuracy (%)", bands=bands,
                     title=f"convergence, mean ± std over {len(seeds)} seeds")
+    return frame
+
+
+def sweep_report(params: Params) -> pd.DataFrame:
+    """sweep_study.csv/.md and sweep_study.png: validation accuracy of every grid point, from the finished cells."""
+    rows, series = [], {}
+    seeds = params.study.seeds
+    for ipc in params.distill.ipcs:
+        for point in params.study.grid_points():
+            cells = _cells("sweep", point_label(point), ipc, seeds)
+            if not cells:
+                continue
+            curves = [{p["iteration"]: p["val_acc"] for p in c["validation"]} for c in cells]
+            best = [max(curve.values()) for curve in curves]
+            rows.append({**point, "ipc": ipc, "seeds": len(cells),
+                         "val_start": _mean_std([curve[0] for curve in curves]),
+                         "val_best": _mean_std(best), "gain": round(statistics.fmean(
+                             b - curve[0] for b, curve in zip(best, curves, strict=True)), 2),
+                         "val_last": _mean_std([curve[max(curve)] for curve in curves]),
+                         "selected_iterations": "/".join(str(c["selected_iteration"]) for c in cells)})
+            iterations = sorted(set.intersection(*(set(curve) for curve in curves)))
+            series[f"ipc {ipc}: {point_label(point)}"] = (
+                iterations, [statistics.fmean(curve[i] for curve in curves) for i in iterations])
+    frame = pd.DataFrame(rows)
+    h = params.distill.hyper
+    note = (f"Row `{params.study.method}` of distill.configs at every point of study.grid ({h.iterations} "
+            f"iterations unless the grid sets them), validation accuracy ({params.distill.eval_models} networks x "
+            f"{params.distill.eval_iterations} iterations every {params.distill.eval_every}): start, best, gain "
+            f"(best - start) and last, mean ± std over {len(seeds)} seed(s). The test split is not used.")
+    write_table(frame, "sweep_study", "Hyperparameter sweep on the validation split", note)
+    if series:
+        plot_curves(series, FIGURES / "sweep_study.png", "distillation iteration", "validation accuracy (%)",
+                    title="sweep: validation accuracy per grid point")
     return frame

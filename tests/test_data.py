@@ -107,6 +107,17 @@ def test_denormalize_inverts_normalisation_to_unit_pixels(tmp_path: Path) -> Non
     assert len(splits.val_x) == 0 and splits.val_x.shape[1:] == (1, 8, 8)
 
 
+def test_unnormalised_load_keeps_unit_pixels(tmp_path: Path) -> None:
+    """`normalize=False` (the input of a raw-pixel ZCA): [0, 1] pixels, identity statistics recorded."""
+    splits = load_dataset("digits", cache_dir=tmp_path, val_size=0, normalize=False)
+    digits = load_digits()
+    keep, test = stratified_split(digits.target, 0.2, seed=0)
+    assert torch.equal(splits.train_x, torch.from_numpy(digits.images[keep] / 16).float()[:, None])
+    assert torch.equal(splits.test_x, torch.from_numpy(digits.images[test] / 16).float()[:, None])
+    assert splits.info.mean == (0.0,) and splits.info.std == (1.0,)
+    assert torch.equal(splits.denormalize(splits.train_x), splits.train_x)
+
+
 def test_splits_reproducible_with_seed_and_different_with_another(tmp_path: Path) -> None:
     a = load_dataset("digits", cache_dir=tmp_path, seed=5, val_size=100)
     b = load_dataset("digits", cache_dir=tmp_path, seed=5, val_size=100)

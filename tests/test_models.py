@@ -2,14 +2,111 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ast_core.models import ARCHITECTURES, FlatModel, build_model, default_depth
+
+MTT_FORMS = ("resnet18", "vgg11", "alexnet")
+NORM_LAYERS = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
+
+
+def conv(cin: int, cout: int, k: int, bias: bool = True) -> int:
+    return cin * cout * k * k + (cout if bias else 0)
+
+
+def norm(channels: int) -> int:
+    return 2 * channels  # scale and shift per channel (instance norm and batch norm alike)
+
+
+def linear(fan_in: int, fan_out: int) -> int:
+    return fan_in * fan_out + fan_out
+
+
+def resnet18_count(channels: int) -> int:
+    """MTT ResNet-18 by hand: stem, then per stage a block with a 1x1 projection (stages 2-4) and a plain one."""
+    def plain(c: int) -> int:
+        return 2 * (conv(c, c, 3, bias=False) + norm(c))
+
+    def projecting(cin: int, cout: int) -> int:
+        return (conv(cin, cout, 3, bias=False) + norm(cout) + conv(cout, cout, 3, bias=False) + norm(cout)
+                + conv(cin, cout, 1, bias=False) + norm(cout))
+
+    stem = conv(channels, 64, 3, bias=False) + norm(64)
+    stages = 2 * plain(64) + projecting(64, 128) + plain(128) + projecting(128, 256) + plain(256) \
+        + projecting(256, 512) + plain(512)
+    return stem + stages + linear(512, 10)
+
+
+def vgg11_count(channels: int) -> int:
+    """MTT VGG-11 by hand: eight 3x3 convs with bias, each with instance norm; the 1x1x512 map feeds the linear."""
+    pairs = [(channels, 64), (64, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 512), (512, 512)]
+    return sum(conv(a, b, 3) + norm(b) for a, b in pairs) + linear(512, 10)
+
+
+def alexnet_count(channels: int) -> int:
+    """MTT AlexNet by hand: five convs with bias, no norm; a 192 x 4 x 4 map feeds the linear."""
+    convs = conv(channels, 128, 5) + conv(128, 192, 5) + conv(192, 256, 3) + conv(256, 192, 3) + conv(192, 192, 3)
+    return convs + linear(192 * 4 * 4, 10)
+
+
+HAND_COUNTS = {"resnet18": resnet18_count, "vgg11": vgg11_count, "alexnet": alexnet_count}
 
 
 @pytest.mark.parametrize(("channels", "size", "expected"), [(1, 28, 317_706), (3, 32, 320_010)])
 def test_convnet3_parameter_count_matches_reference_code(channels: int, size: int, expected: int) -> None:
     model = build_model("convnet", channels, 10, size)
     assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize("arch", MTT_FORMS)
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32)])
+def test_mtt_form_parameter_count_equals_the_hand_count(arch: str, channels: int, size: int) -> None:
+    model = build_model(arch, channels, 10, size)
+    assert sum(p.numel() for p in model.parameters()) == HAND_COUNTS[arch](channels)
+
+
+def test_hand_counts_match_the_published_cifar_sizes() -> None:
+    # The CIFAR ResNet-18 and VGG-11 have 11,173,962 and 9,231,114 parameters (norm layers count 2 per channel).
+    assert (resnet18_count(3), vgg11_count(3)) == (11_173_962, 9_231_114)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
+def test_mtt_forms_use_instance_norm_and_bn_options_batch_norm(arch: str) -> None:
+    mtt = build_model(arch, 3, 10, 32)
+    norms = [m for m in mtt.modules() if isinstance(m, NORM_LAYERS)]
+    assert norms and all(isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels and m.affine
+                         for m in norms)
+    option = build_model(f"{arch}_bn", 3, 10, 32)
+    assert not any(isinstance(m, nn.GroupNorm) for m in option.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in option.modules()) == len(norms)
+    # Same layer shapes, only the normalisation differs: equal parameter counts.
+    assert sum(p.numel() for p in option.parameters()) == sum(p.numel() for p in mtt.parameters())
+
+
+def test_alexnet_has_no_normalisation_layer() -> None:
+    model = build_model("alexnet", 1, 10, 28)
+    assert not any(isinstance(m, NORM_LAYERS) for m in model.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 5
+
+
+@pytest.mark.parametrize(("arch", "feature_dim"), [("resnet18", 512), ("vgg11", 512), ("alexnet", 192 * 4 * 4)])
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32)])
+def test_mtt_forms_train_on_cpu(arch: str, feature_dim: int, channels: int, size: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, channels, 10, size)
+    x = torch.randn(3, channels, size, size)
+    assert model.embed(x).shape == (3, feature_dim)
+    logits = model(x)
+    assert logits.shape == (3, 10)
+    F.cross_entropy(logits, torch.tensor([0, 4, 9])).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+
+
+def test_vgg11_on_too_small_images_says_so() -> None:
+    with pytest.raises(ValueError, match="image_size=8 is too small for vgg11"):
+        build_model("vgg11", 1, 10, 8)
 
 
 def test_convnet_depth_follows_image_size() -> None:

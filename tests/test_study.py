@@ -1,7 +1,8 @@
-"""`ast-dd study buffers|modules` on the tiny profile: tables, figures, resume, and bad settings before compute."""
+"""`ast-dd study buffers|modules|sweep` on the tiny profile: tables, figures, resume, bad settings early."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -66,6 +67,45 @@ def test_modules_study_writes_rows_and_convergence_curves(project) -> None:
     assert set(curves["row"]) == {"mtt", "mct2", "rep_init"}
     assert (path / "artifacts/study/experts/sgd/convex/expert_000.mct2.safetensors").is_file()
     assert (path / "artifacts/report/figures/modules_study_convergence.png").is_file()
+
+
+def test_sweep_scores_every_grid_point_on_validation_only(project) -> None:
+    path, params = project
+    grid = {"study": {"grid": {"iterations": [1, 2], "lr_img": [10.0]}}}
+    (path / "sweep.yaml").write_text(yaml.safe_dump(grid))
+    params = load_params("params.yaml", ["overlay.yaml", "sweep.yaml"])
+    study.run(params, "sweep")
+    table = pd.read_csv(path / "artifacts/report/tables/sweep_study.csv")
+    assert list(table.columns[:3]) == ["iterations", "lr_img", "ipc"]
+    assert len(table) == 2 * len(params.distill.ipcs) and (table["seeds"] == 2).all()
+    cells = sorted((path / "artifacts/study/sweep/cells").glob("*.json"))
+    assert len(cells) == 2 * 2 * len(params.distill.ipcs)
+    for cell in (json.loads(c.read_text()) for c in cells):
+        assert "test_mean" not in cell  # selection sweep: the test split is never scored
+        assert [p["iteration"] for p in cell["validation"]] == list(range(cell["point"]["iterations"] + 1))
+    assert (path / "artifacts/report/figures/sweep_study.png").is_file()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"study": {"grid": {"lr_image": [1.0]}}}, "study.grid.lr_image: not a distill.hyper key"),
+    ({"study": {"grid": {"lr_img": []}}}, "study.grid.lr_img: list at least one value"),
+])
+def test_bad_sweep_grid_is_rejected_when_params_load(tmp_path: Path, change: dict, message: str) -> None:
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(change))
+    with pytest.raises(ParamsError, match=message):
+        load_params(ROOT / "profiles" / "tiny.yaml", [tmp_path / "overlay.yaml"])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"study": {"grid": {}, "method": "mtt"}}, "study.grid: map distill.hyper keys"),
+    ({"study": {"grid": {"max_start_epoch": [99]}, "method": "mtt"}}, "study.grid point max_start_epoch=99: max_"),
+    ({"study": {"grid": {"lr_img": [1.0]}, "method": None}}, "study.method"),
+])
+def test_bad_sweep_settings_fail_before_compute(tmp_path: Path, change: dict, message: str) -> None:
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(change))
+    params = load_params(ROOT / "profiles" / "tiny.yaml", [tmp_path / "overlay.yaml"])
+    with pytest.raises(ParamsError, match=message):
+        study.check(params, "sweep")
 
 
 @pytest.mark.parametrize(("change", "message"), [

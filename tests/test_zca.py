@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
+from sklearn.datasets import load_digits
 
 import ast_core.zca as zca_module
+from ast_core.data import stratified_split
 from ast_core.zca import ZCA
+from pipeline.params import DataParams, Params
+from pipeline.prepared import fit_and_save_zca, load_prepared, load_raw
+from pipeline.schema import ParamsError, from_mapping
+
+ROOT = Path(__file__).resolve().parents[1]
+VAL = 100  # validation images carved from the digits train split
 
 
 def _correlated(n: int = 2000, d: int = 16, seed: int = 0) -> torch.Tensor:
@@ -105,3 +116,82 @@ def test_bad_arguments() -> None:
         zca.transform(torch.zeros(3, 15))
     with pytest.raises(ValueError, match="state"):
         ZCA.from_state_dict({"mean": zca.mean})
+
+
+# The data pipeline (pipeline/prepared.py) on scikit-learn digits: which pixels the ZCA is fitted on.
+
+
+def _digits_params(**data: object) -> Params:
+    return Params(data=DataParams(dataset="digits", val_size=VAL, **data))
+
+
+def _digits_train_pixels() -> np.ndarray:
+    """The pipeline's digits train split as [0, 1] pixels (N x 64), straight from scikit-learn's 0..16 levels."""
+    digits = load_digits()
+    keep, _ = stratified_split(digits.target, 0.2, seed=0)     # the carved test split
+    train, _ = stratified_split(digits.target[keep], VAL, seed=0)  # the validation split (seed = params.seed)
+    return digits.images[keep][train].reshape(-1, 64) / 16
+
+
+def _hand_whitening(x: np.ndarray, eps: float) -> np.ndarray:
+    """U diag(1/sqrt(S + eps)) U^T from the eigendecomposition of the unbiased covariance of `x`."""
+    s, u = np.linalg.eigh(np.cov(x, rowvar=False))
+    return (u / np.sqrt(np.clip(s, 0, None) + eps)) @ u.T
+
+
+def _prepared_train(params: Params) -> tuple[np.ndarray, Params]:
+    """Run the prepare stage's ZCA fit, then load as later stages do; the whitened train split as N x 64."""
+    fit_and_save_zca(params, load_raw(params, download=False))
+    prepared = load_prepared(params)
+    return prepared.data.train_x.reshape(len(prepared.data.train_x), -1).double().numpy(), prepared
+
+
+def test_pipeline_fits_zca_on_raw_pixels_as_the_hand_computation(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # artifacts/prepare lands in tmp_path
+    params = _digits_params(zca=True)
+    assert params.data.zca_fit == "raw"  # the default is the authors' code form
+    whitened, prepared = _prepared_train(params)
+    x = _digits_train_pixels()
+    w = _hand_whitening(x, eps=0.1)
+    assert np.allclose(prepared.zca.whitening.double().numpy(), w, atol=1e-5)
+    assert np.allclose(whitened, (x - x.mean(0)) @ w, atol=1e-4)
+    # No mean/std step: the inverse ZCA alone gives the pixels back.
+    assert prepared.data.info.mean == (0.0,) and prepared.data.info.std == (1.0,)
+    pixels = prepared.to_pixels(prepared.data.train_x).reshape(len(x), -1).double().numpy()
+    assert np.allclose(pixels, x, atol=1e-4)
+
+
+def test_fit_on_normalised_pixels_is_the_raw_fit_with_eps_times_std_squared(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dividing by std shrinks the covariance by std^2, so eps acts as eps * std^2 on pixels (1/std^2 weaker)."""
+    monkeypatch.chdir(tmp_path)
+    normalised, prepared = _prepared_train(_digits_params(zca=True, zca_fit="normalized"))
+    std = prepared.data.info.std[0]
+    x = _digits_train_pixels()
+    centred = x - x.mean(0)
+    assert np.allclose(normalised, centred @ _hand_whitening(x, eps=0.1 * std**2), atol=1e-4)
+    raw = centred @ _hand_whitening(x, eps=0.1)
+    # Weaker regularisation keeps more of each direction's variance: trace of S / (S + eps) grows.
+    assert 1 / std**2 > 5
+    assert np.trace(np.cov(normalised, rowvar=False)) > 1.5 * np.trace(np.cov(raw, rowvar=False))
+
+
+def test_zca_fitted_with_other_settings_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _prepared_train(_digits_params(zca=True))
+    with pytest.raises(ValueError, match=r"data.zca_fit=raw.*params say normalized.*run `ast-dd prepare` again"):
+        load_prepared(_digits_params(zca=True, zca_fit="normalized"))
+    with pytest.raises(ValueError, match="zca_eps=0.1 but params say raw, 0.01"):
+        load_prepared(_digits_params(zca=True, zca_eps=0.01))
+
+
+def test_prepare_stage_reruns_when_the_zca_form_changes() -> None:
+    """DVC keys the prepare stage on the whole `data` section, so a new data.zca_fit is a new cache key."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "data" in stages["prepare"]["params"]
+
+
+def test_bad_zca_fit_names_the_key_and_the_forms() -> None:
+    with pytest.raises(ParamsError, match="data.zca_fit: 'pca' is not allowed; allowed: raw, normalized"):
+        from_mapping(DataParams, {"zca_fit": "pca"}, "data")

@@ -35,7 +35,8 @@ def expert_config(params: Params, variant: str) -> ExpertConfig:
 def data_signature(params: Params) -> dict:
     """What the experts' training data depends on beyond the expert config (stored beside the experts)."""
     return {"dataset": params.data.dataset, "root": params.data.root, "val_size": params.data.val_size,
-            "zca": params.data.zca, "zca_eps": params.data.zca_eps, "train_size": params.buffer.train_size,
+            "zca": params.data.zca, "zca_eps": params.data.zca_eps, "zca_fit": params.data.zca_fit,
+            "train_size": params.buffer.train_size,
             "seed": params.seed}
 
 
