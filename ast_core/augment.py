@@ -19,13 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DEFAULT_STRATEGY", "DIGIT_DATASETS", "FAMILIES", "DSA", "DSAParams", "dsa_strategy_for"]
+from ast_core.settings import DEFAULT_STRATEGY, DIGIT_DATASETS, FAMILIES, dsa_strategy_for, parse_dsa_strategy
 
-DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
-FAMILIES: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
-# Datasets whose digits must not be mirrored (METHOD.md section 1: drop `flip` for MNIST/SVHN).
-DIGIT_DATASETS: frozenset[str] = frozenset({"mnist", "svhn", "digits"})
-_IDENTITY = ("", "none")
+__all__ = ["DEFAULT_STRATEGY", "DIGIT_DATASETS", "FAMILIES", "DSA", "DSAParams", "dsa_strategy_for"]
 
 
 @dataclass(frozen=True)
@@ -68,37 +64,12 @@ class DSAParams:
                 raise ValueError(f"DSAParams.{name}={value!r} is invalid: must be finite and {allowed[name]}")
 
 
-def _parse_strategy(strategy: str) -> tuple[str, ...]:
-    """Split `a_b_c` into families; `none`/empty give the identity (an empty tuple)."""
-    if not isinstance(strategy, str):
-        raise ValueError(f"strategy={strategy!r} must be a string such as {DEFAULT_STRATEGY!r}")
-    if strategy.strip().lower() in _IDENTITY:
-        return ()
-    families = tuple(strategy.split("_"))
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise ValueError(
-            f"strategy={strategy!r} has unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
-            f"allowed families: {', '.join(FAMILIES)} (joined by '_'), or 'none'"
-        )
-    return families
-
-
-def dsa_strategy_for(dataset: str, strategy: str = DEFAULT_STRATEGY) -> str:
-    """Return `strategy` adapted to `dataset`: `flip` is dropped for digit datasets (mnist, svhn, digits)."""
-    families = _parse_strategy(strategy)
-    key = dataset.strip().lower().replace("-", "_")
-    if key in DIGIT_DATASETS:
-        families = tuple(f for f in families if f != "flip")
-    return "_".join(families) if families else "none"
-
-
 class DSA:
     """Differentiable siamese augmentation: `DSA(strategy)(x, seed=...)` augments an N x C x H x W batch."""
 
     def __init__(self, strategy: str = DEFAULT_STRATEGY, params: DSAParams | None = None) -> None:
         self.strategy = strategy
-        self.families = _parse_strategy(strategy)
+        self.families = parse_dsa_strategy(strategy)
         self.params = params if params is not None else DSAParams()
         if not isinstance(self.params, DSAParams):
             raise ValueError(f"params={params!r} must be a DSAParams instance")

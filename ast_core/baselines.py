@@ -17,6 +17,7 @@ from sklearn.cluster import KMeans
 from torch import Tensor
 
 from ast_core.models import batched_features
+from ast_core.settings import CORESET_METHODS
 
 __all__ = [
     "CORESET_METHODS",
@@ -28,7 +29,6 @@ __all__ = [
     "select_coreset",
 ]
 
-CORESET_METHODS = ("random", "herding", "kcenter", "kmeans")
 LARGE_IPC = 50
 POINTS_PER_CLUSTER_AT_LARGE_IPC = 5
 

@@ -33,23 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ast_core.io import atomic_write_with
-
-IMAGENET_SUBSETS: dict[str, list[str]] = {
-    # MTT's `Config` lists ImageNet-1k class indices; these are the same classes as WordNet ids, in the
-    # same order (label i is the i-th entry).
-    "imagenette": ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
-                   "n03394916", "n03417042", "n03425413", "n03445777", "n03888257"],
-    "imagewoof": ["n02096294", "n02093754", "n02111889", "n02088364", "n02086240",
-                  "n02089973", "n02087394", "n02115641", "n02099601", "n02105641"],
-    "imagefruit": ["n07753275", "n07753592", "n07745940", "n07747607", "n07749582",
-                   "n07768694", "n07753113", "n07720875", "n07718472", "n07742313"],
-    "imagemeow": ["n02123045", "n02123159", "n02123394", "n02123597", "n02124075",
-                  "n02129165", "n02129604", "n02128925", "n02128757", "n02127052"],
-    "imagesquawk": ["n01806143", "n02007558", "n01818515", "n02051845", "n02056570",
-                    "n01614925", "n01843383", "n01518878", "n01860187", "n01819313"],
-    "imageyellow": ["n02206856", "n12057211", "n07753592", "n07749582", "n12144580",
-                    "n04146614", "n03530642", "n02129165", "n01773157", "n01531178"],
-}
+from ast_core.settings import DATASETS, IMAGENET_SUBSETS
 
 _WNID_NAMES: dict[str, str] = {
     "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
@@ -73,10 +57,6 @@ _WNID_NAMES: dict[str, str] = {
     "n04146614": "school bus", "n03530642": "honeycomb", "n01773157": "black and gold garden spider",
     "n01531178": "goldfinch",
 }
-
-DATASETS: tuple[str, ...] = (
-    "fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "tiny_imagenet", *IMAGENET_SUBSETS, "digits",
-)
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"

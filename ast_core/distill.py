@@ -35,16 +35,10 @@ from ast_core.augment import DSA
 from ast_core.functional import reuse_freed_cpu_memory, step_gradient
 from ast_core.io import atomic_path
 from ast_core.models import FlatModel
+from ast_core.settings import DistillConfig, check_balance
 from ast_core.tesla import tesla_gradients
 
 log = logging.getLogger(__name__)
-
-SAMPLING = ("discrete", "continuous")
-INTERMEDIATE_WEIGHTS = ("equal", "varied")
-GRADIENT_MODES = ("unroll", "tesla")
-PERTURB_FORMS = ("paper", "code")
-DENOMINATORS = ("unperturbed", "perturbed")
-BALANCE_MIDDLES = ("half", "floor")
 
 
 class Trajectory(Protocol):
@@ -68,10 +62,7 @@ def balance_factor(start: float, max_start: float, vartheta: float = 8.0, log_ba
     nu = log(|t - m| + vartheta) for t >= m, else 1 / log(|m - t| + vartheta): late (flat) segments get a
     larger inner loss, early (steep) segments a smaller one.
     """
-    if not (math.isfinite(vartheta) and vartheta > 1 and math.isfinite(log_base) and log_base > 1):
-        raise ValueError(f"vartheta={vartheta} and log_base={log_base} must be finite numbers > 1 so that nu > 0")
-    if middle not in BALANCE_MIDDLES:
-        raise ValueError(f"balance_middle={middle!r} is not supported; allowed: {', '.join(BALANCE_MIDDLES)}")
+    check_balance(vartheta, log_base, middle)
     middle = max_start / 2 if middle == "half" else math.floor(max_start / 2)
     value = math.log(abs(start - middle) + vartheta, log_base)
     return value if start >= middle else 1.0 / value
@@ -131,79 +122,6 @@ PERTURBATIONS = {"paper": perturb_filters, "code": perturb_layers}
 def matching_loss(student: Tensor, target: Tensor, start: Tensor) -> Tensor:
     """Normalised parameter distance (Eq. 5): ||student - target||^2 / ||start - target||^2."""
     return (student - target).pow(2).sum() / (start - target).pow(2).sum()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Every setting of one distillation run; validated on construction (before any compute)."""
-
-    ipc: int = 10
-    iterations: int = 1000
-    syn_steps: int = 20                  # N
-    expert_epochs: int = 2               # M
-    max_start_epoch: float = 20          # T+
-    batch_syn: int | None = None         # None: the whole synthetic set per student step
-    lr_img: float = 100.0
-    lr_lr: float = 1e-5
-    lr_teacher: float = 0.01             # initial alpha
-    img_momentum: float = 0.5
-    lr_momentum: float = 0.5
-    min_syn_lr: float = 1e-8             # alpha is kept >= this (positive)
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
-    sampling: str = "discrete"           # "continuous": MCT start epochs in U(0, T+)
-    balanced_loss: bool = False          # Eq. 20
-    vartheta: float = 8.0
-    log_base: float = math.e
-    intermediate_matching: bool = False  # Eq. 22
-    intermediate_weights: str = "equal"
-    perturb_rho: float = 0.0             # Eq. 23; 0 disables
-    perturb_form: str = "paper"          # paper: per filter of >= 2-D weights (Eq. 23) | code: conv layers, θ ⊙ d
-    intermediate_denominator: str = "unperturbed"  # Eq. 22 denominators from θ*_t, or from the perturbed start
-    balance_middle: str = "half"         # Eq. 20's m: T+/2 (paper) or floor(T+/2) (code)
-    max_image_growth: float = 100.0      # stop when the images' RMS exceeds this multiple of the initial RMS
-    student_momentum: float = 0.0        # optional heavy-ball student update
-    gradient: str = "unroll"             # "tesla": constant memory in N (no intermediate matching/momentum)
-    max_nonfinite: int = 10              # consecutive skipped iterations before giving up
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        positive_ints = {"ipc": self.ipc, "iterations": self.iterations, "syn_steps": self.syn_steps,
-                         "expert_epochs": self.expert_epochs, "max_nonfinite": self.max_nonfinite}
-        for key, value in positive_ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{key}={value!r} must be a positive integer")
-        positive = {"lr_img": self.lr_img, "lr_lr": self.lr_lr, "lr_teacher": self.lr_teacher,
-                    "min_syn_lr": self.min_syn_lr, "max_start_epoch": self.max_start_epoch,
-                    "max_image_growth": self.max_image_growth}
-        for key, value in positive.items():
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{key}={value!r} must be a finite number > 0")
-        for key, value in {"img_momentum": self.img_momentum, "lr_momentum": self.lr_momentum,
-                           "student_momentum": self.student_momentum}.items():
-            if not 0 <= value < 1:  # NaN fails too
-                raise ValueError(f"{key}={value!r} must be in [0, 1)")
-        choices = {"sampling": (self.sampling, SAMPLING), "gradient": (self.gradient, GRADIENT_MODES),
-                   "intermediate_weights": (self.intermediate_weights, INTERMEDIATE_WEIGHTS),
-                   "perturb_form": (self.perturb_form, PERTURB_FORMS),
-                   "intermediate_denominator": (self.intermediate_denominator, DENOMINATORS),
-                   "balance_middle": (self.balance_middle, BALANCE_MIDDLES)}
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
-        if self.batch_syn is not None and (not isinstance(self.batch_syn, int) or self.batch_syn < 1):
-            raise ValueError(f"batch_syn={self.batch_syn!r} must be a positive integer or null (all)")
-        if not (math.isfinite(self.perturb_rho) and self.perturb_rho >= 0):
-            raise ValueError(f"perturb_rho={self.perturb_rho!r} must be a finite number >= 0")
-        balance_factor(0.0, self.max_start_epoch, self.vartheta, self.log_base, self.balance_middle)
-        if self.sampling == "discrete" and float(self.max_start_epoch) != int(self.max_start_epoch):
-            raise ValueError(f"max_start_epoch={self.max_start_epoch} must be an integer with discrete sampling")
-        if self.gradient == "tesla" and (self.intermediate_matching or self.student_momentum):
-            raise ValueError("gradient='tesla' supports neither intermediate_matching nor student_momentum; "
-                             "use gradient='unroll' for them")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from ast_core.augment import DSA, dsa_strategy_for
 from ast_core.data import DatasetSplits
-from ast_core.models import ARCHITECTURES, build_model
+from ast_core.models import build_model
+from ast_core.settings import ARCHITECTURES, PROTOCOLS
 
 __all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalResult", "evaluate_synthetic", "schedule", "train_on_real"]
 
-PROTOCOLS = ("ast", "mtt")
 EVAL_SPLITS = ("test", "val")
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4

@@ -17,8 +17,6 @@ from the expert's seed only, so the same seed gives bit-identical checkpoints on
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import multiprocessing
 import os
 import statistics
@@ -34,19 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ast_core.augment import DSA, dsa_strategy_for
+from ast_core.augment import DSA
 from ast_core.data import DatasetSplits
 from ast_core.evaluate import accuracy
 from ast_core.io import atomic_write_csv, atomic_write_json
-from ast_core.losses import (
-    CLIP_SCHEDULES,
-    GP_NORMS,
-    GP_SIDES,
-    clipped_ce_scale,
-    gradient_penalty,
-    input_gradient_norms,
-)
-from ast_core.models import ARCHITECTURES, FlatModel, build_model, default_depth
+from ast_core.losses import clipped_ce_scale, gradient_penalty, input_gradient_norms
+from ast_core.models import FlatModel, build_model, default_depth
+from ast_core.settings import ExpertConfig
 from ast_core.trajectory import (
     STORAGE_DTYPES,
     expert_path,
@@ -57,109 +49,10 @@ from ast_core.trajectory import (
 )
 from ast_core.viz import plot_curves
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
 GRAD_NORM_KEYS = ("grad_norm_mean", "grad_norm_q10", "grad_norm_q90")
 HISTORY_KEYS = ("lr", "train_loss", "train_acc", "gp", "val_acc", "test_acc", *GRAD_NORM_KEYS)
 PROBE_SIZE = 512   # training images on which the input-gradient norm is measured after every epoch
 _WORKER_STATE: dict[str, Any] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertConfig:
-    """How to train one expert. Defaults: AST smooth experts (SGD + momentum, lr halved at epoch 25,
-    clipped CE 0.5 -> 1 over 5 epochs, two-sided GP with K = 1, μ = 1). The MTT baseline is
-    ``ExpertConfig(optimizer="sgd", lr_decay_epoch=None, clip_ce=False, grad_penalty=False)``.
-
-    The authors' code variant [C] (METHOD.md section 8) is ``clip_schedule="code"`` (λ = 0.5, 0.55, …, 0.95),
-    ``lr=0.003``, ``lr_decay_factor=0.6``, ``lr_decay_rebuild=True`` (momentum reset at the lr step),
-    ``weight_decay=1e-3``, ``gp_norm="pixel"``, ``gp_weight=2``; ``gp_sided="one_sided"`` is the paper's
-    text ("below K") rather than its two-sided formula.
-    `dsa_strategy` None picks `dsa_strategy_for(dataset)`; "none" turns augmentation off. `zca` only
-    records that the caller whitened the data (METHOD.md section 1).
-    """
-
-    arch: str = "convnet"
-    width: int = 128
-    depth: int | None = None
-    epochs: int = 50
-    batch_size: int = 256
-    optimizer: str = "momentum"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_decay_epoch: int | None = 25
-    lr_decay_factor: float = 0.5
-    lr_decay_rebuild: bool = False       # reset the optimiser state (momentum) at the lr step, as [C]
-    dsa_strategy: str | None = None
-    clip_ce: bool = True
-    clip_warmup_epochs: float = 5
-    clip_start: float = 0.5
-    clip_schedule: str = "paper"
-    grad_penalty: bool = True
-    gp_weight: float = 1.0
-    gp_target: float = 1.0
-    gp_norm: str = "sample"
-    gp_sided: str = "two_sided"
-    zca: bool = False
-
-    def __post_init__(self) -> None:
-        def positive_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-        def number(value: Any, low: float, high: float = math.inf) -> bool:
-            real = isinstance(value, int | float) and not isinstance(value, bool)
-            return real and math.isfinite(value) and low <= value <= high
-
-        checks: dict[str, tuple[bool, str]] = {
-            "arch": (self.arch in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}"),
-            "width": (positive_int(self.width), "a positive integer"),
-            "depth": (self.depth is None or positive_int(self.depth), "None or a positive integer"),
-            "epochs": (positive_int(self.epochs), "a positive integer"),
-            "batch_size": (positive_int(self.batch_size), "a positive integer"),
-            "optimizer": (self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-            "lr": (number(self.lr, 0.0) and self.lr > 0, "a finite number > 0"),
-            "momentum": (number(self.momentum, 0.0) and self.momentum < 1, "a number in [0, 1)"),
-            "weight_decay": (number(self.weight_decay, 0.0), "a finite number >= 0"),
-            "lr_decay_epoch": (self.lr_decay_epoch is None or positive_int(self.lr_decay_epoch),
-                               "None or a positive integer"),
-            "lr_decay_factor": (number(self.lr_decay_factor, 0.0, 1.0) and self.lr_decay_factor > 0,
-                                "a number in (0, 1]"),
-            "lr_decay_rebuild": (isinstance(self.lr_decay_rebuild, bool), "True or False"),
-            "dsa_strategy": (self.dsa_strategy is None or isinstance(self.dsa_strategy, str),
-                             "None or a DSA strategy string such as 'color_crop_cutout_flip_scale_rotate'"),
-            "clip_ce": (isinstance(self.clip_ce, bool), "True or False"),
-            "clip_warmup_epochs": (number(self.clip_warmup_epochs, 0.0), "a finite number >= 0"),
-            "clip_start": (number(self.clip_start, 0.0, 1.0), "a number in [0, 1]"),
-            "clip_schedule": (self.clip_schedule in CLIP_SCHEDULES, f"one of {', '.join(CLIP_SCHEDULES)}"),
-            "grad_penalty": (isinstance(self.grad_penalty, bool), "True or False"),
-            "gp_weight": (number(self.gp_weight, 0.0), "a finite number >= 0"),
-            "gp_target": (number(self.gp_target, 0.0), "a finite number >= 0"),
-            "gp_norm": (self.gp_norm in GP_NORMS, f"one of {', '.join(GP_NORMS)}"),
-            "gp_sided": (self.gp_sided in GP_SIDES, f"one of {', '.join(GP_SIDES)}"),
-            "zca": (isinstance(self.zca, bool), "True or False"),
-        }
-        for name, (ok, allowed) in checks.items():
-            if not ok:
-                raise ValueError(f"ExpertConfig.{name}={getattr(self, name)!r} is invalid; "
-                                 f"allowed: {allowed}")
-        if self.dsa_strategy is not None:
-            try:
-                DSA(self.dsa_strategy)
-            except ValueError as exc:
-                raise ValueError(f"ExpertConfig.dsa_strategy={self.dsa_strategy!r} is invalid: "
-                                 f"{exc}") from exc
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def dsa_for(self, dataset: str) -> str:
-        """The DSA strategy used on `dataset` (`dsa_strategy`, or the dataset's default when None)."""
-        return dsa_strategy_for(dataset) if self.dsa_strategy is None else self.dsa_strategy
-
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of a 0-indexed epoch: `lr`, times `lr_decay_factor` from `lr_decay_epoch` on."""
-        decayed = self.lr_decay_epoch is not None and epoch >= self.lr_decay_epoch
-        return self.lr * (self.lr_decay_factor if decayed else 1.0)
 
 
 def make_optimizer(model: nn.Module, config: ExpertConfig) -> torch.optim.Optimizer:

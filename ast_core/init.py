@@ -13,10 +13,9 @@ import torch
 from torch import Tensor
 
 from ast_core.baselines import check_ipc, representative_indices, select_coreset
+from ast_core.settings import INIT_METHODS
 
 __all__ = ["INIT_METHODS", "SyntheticInit", "initial_synthetic_set", "representative_indices"]
-
-INIT_METHODS = ("representative", "real", "noise")
 
 
 @dataclass

@@ -15,9 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-GP_NORMS = ("sample", "pixel")
-GP_SIDES = ("two_sided", "one_sided")
-CLIP_SCHEDULES = ("paper", "code")
+from ast_core.settings import CLIP_SCHEDULES, GP_NORMS, GP_SIDES
+
 CODE_CLIP_STEP, CODE_CLIP_EPOCHS = 0.05, 10   # authors' code: λ = 0.5, 0.55, …, 0.95 in epochs 0-9
 
 

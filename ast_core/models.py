@@ -21,8 +21,8 @@ import torchvision
 from torch import Tensor, nn
 from torch.func import functional_call
 
-# MTT/AST forms first, then torchvision's batch-norm versions (options).
-ARCHITECTURES = ("convnet", "resnet18", "vgg11", "alexnet", "resnet18_bn", "vgg11_bn")
+from ast_core.settings import ARCHITECTURES
+
 CONVNET_DEPTH_BY_SIZE = {28: 3, 32: 3, 64: 4, 128: 5}
 VGG11_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")  # conv widths, "M" max-pool
 

@@ -50,11 +50,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ast_core.io import atomic_write_with
+from ast_core.settings import BETA_MODES
 
 FORMAT = "ast-dd-trajectory"
 FORMAT_VERSION = "1"
 KINDS = ("plain", "convex")
-BETA_MODES = ("arclength", "uniform")
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TAG = re.compile(r"^[A-Za-z0-9_-]+$")
 

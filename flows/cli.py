@@ -14,7 +14,6 @@ from typing import Any
 
 from pipeline.cli import add_command
 from pipeline.params import Params
-from pipeline.runner import ensure_params_file
 from pipeline.schema import ParamsError
 
 log = logging.getLogger("ast-dd")
@@ -58,6 +57,7 @@ def finish(state: Any) -> None:
 def cmd_flow_run(args: argparse.Namespace, params: Params) -> None:
     from flows.pipeline_flow import ast_pipeline
     from flows.stages import overridden_params
+    from pipeline.runner import ensure_params_file  # imports MLflow: only when the command runs
 
     ensure_params_file(args.params)
     quiet_http_logs()
@@ -70,6 +70,7 @@ def cmd_flow_run(args: argparse.Namespace, params: Params) -> None:
 def cmd_flow_ablate(args: argparse.Namespace, params: Params) -> None:
     from flows.ablation_flow import ablation
     from pipeline.ablation import GROUPS
+    from pipeline.runner import ensure_params_file
 
     ensure_params_file(args.params)
     quiet_http_logs()
@@ -82,6 +83,7 @@ def cmd_flow_ablate(args: argparse.Namespace, params: Params) -> None:
 
 def cmd_serve(args: argparse.Namespace, params: Params) -> None:
     from flows.serve import serve
+    from pipeline.runner import ensure_params_file
 
     ensure_params_file(args.params)
     if args.gpus is not None and args.gpus < 1:

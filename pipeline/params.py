@@ -15,16 +15,18 @@ from typing import Any, Literal
 
 import yaml
 
-from ast_core.data import DATASETS
-from ast_core.distill import DistillConfig
-from ast_core.evaluate import PROTOCOLS
-from ast_core.experts import ExpertConfig
-from ast_core.init import INIT_METHODS
-from ast_core.models import ARCHITECTURES
-from ast_core.trajectory import BETA_MODES
+from ast_core.settings import (
+    ARCHITECTURES,
+    BETA_MODES,
+    CORESET_METHODS,
+    DATASETS,
+    INIT_METHODS,
+    PROTOCOLS,
+    DistillConfig,
+    ExpertConfig,
+)
 from pipeline.schema import ParamsError, from_mapping
 
-CORESET_BASELINES = ("random", "herding", "kcenter", "kmeans")
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
@@ -32,6 +34,14 @@ def check_seeds(key: str, seeds: list[int] | tuple[int, ...]) -> None:
     """Seeds for repeated runs: a non-empty list of distinct integers >= 0."""
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise ParamsError(f"{key}: {list(seeds)} must be distinct integers >= 0")
+
+
+def check_minimums(section: str, obj: Any, minimums: dict[str, int]) -> None:
+    """Each named integer field of `obj` must be >= its minimum; the error names `section.field`."""
+    for name, low in minimums.items():
+        value = getattr(obj, name)
+        if value < low:
+            raise ParamsError(f"{section}.{name}: {value!r} must be an integer >= {low}")
 
 
 def _check_name(key: str, name: str) -> None:
@@ -101,13 +111,12 @@ class BufferParams:
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ast": {}})   # ExpertConfig fields
 
     def __post_init__(self) -> None:
-        for key in ("num_experts", "epochs", "batch_size", "workers"):
-            if getattr(self, key) < 1:
-                raise ParamsError(f"buffer.{key}: {getattr(self, key)!r} must be a positive integer")
+        check_minimums("buffer", self, {"num_experts": 1, "epochs": 1, "batch_size": 1, "workers": 1})
         if self.train_size is not None and self.train_size < 1:
             raise ParamsError(f"buffer.train_size: {self.train_size!r} must be a positive integer or null")
-        if any(n < 2 for n in self.mct_anchors):
-            raise ParamsError(f"buffer.mct_anchors: {list(self.mct_anchors)} must all be >= 2")
+        if any(not 2 <= n <= self.epochs + 1 for n in self.mct_anchors):  # anchors are distinct epochs 0..epochs
+            raise ParamsError(f"buffer.mct_anchors: {list(self.mct_anchors)} must all be in 2..{self.epochs + 1} "
+                              f"(buffer.epochs + 1 = {self.epochs + 1} stored parameter sets)")
         if self.mct_beta not in BETA_MODES:
             raise ParamsError(f"buffer.mct_beta: {self.mct_beta!r} is unknown; allowed: {', '.join(BETA_MODES)}")
         if not self.train:
@@ -152,6 +161,9 @@ class Hyper:
     max_image_growth: float = 100.0     # a run whose images' RMS grows past this multiple stops with an error
 
 
+HYPER_KEYS = tuple(f.name for f in dataclasses.fields(Hyper))
+
+
 @dataclass(frozen=True)
 class MethodParams:
     """One distillation method = one ablation row: buffer, trajectory form and AST switches."""
@@ -177,6 +189,9 @@ class MethodParams:
             raise ParamsError(f"init: {self.init!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
 
 
+METHOD_KEYS = tuple(f.name for f in dataclasses.fields(MethodParams))
+
+
 @dataclass(frozen=True)
 class DistillParams:
     ipcs: list[int] = field(default_factory=lambda: [10])
@@ -194,6 +209,8 @@ class DistillParams:
     def __post_init__(self) -> None:
         if not self.ipcs or any(ipc < 1 for ipc in self.ipcs):
             raise ParamsError(f"distill.ipcs: {list(self.ipcs)} must be positive integers")
+        if not self.methods:
+            raise ParamsError(f"distill.methods: list at least one distill.configs row ({', '.join(self.configs)})")
         for name in self.methods:
             if name not in self.configs:
                 raise ParamsError(f"distill.methods: {name!r} has no entry in distill.configs "
@@ -206,9 +223,10 @@ class DistillParams:
             from_mapping(Hyper, {**dataclasses.asdict(self.hyper), **self.per_ipc[key]}, f"distill.per_ipc.{key}")
         if self.seed is not None and self.seed < 0:
             raise ParamsError(f"distill.seed: {self.seed!r} must be >= 0 or null")
-        if self.checkpoint_every < 1 or self.eval_every < 0 or self.eval_models < 1 or self.eval_iterations < 1:
-            raise ParamsError("distill.checkpoint_every/eval_models/eval_iterations must be >= 1 and "
-                              "distill.eval_every >= 0")
+        if self.num_experts is not None and self.num_experts < 1:
+            raise ParamsError(f"distill.num_experts: {self.num_experts!r} must be a positive integer or null (all)")
+        check_minimums("distill", self, {"checkpoint_every": 1, "eval_every": 0, "eval_models": 1,
+                                         "eval_iterations": 1})
 
     def hyper_for(self, ipc: int) -> Hyper:
         return from_mapping(Hyper, {**dataclasses.asdict(self.hyper), **self.per_ipc.get(str(ipc), {})},
@@ -222,21 +240,22 @@ class EvaluateParams:
     protocol: str = "ast"
     batch_size: int = 256
     archs: list[str] = field(default_factory=lambda: ["convnet"])
-    baselines: list[str] = field(default_factory=lambda: list(CORESET_BASELINES))
+    baselines: list[str] = field(default_factory=lambda: list(CORESET_METHODS))
     full_data_epochs: int = 0           # >0: also train on the full training split (upper bound)
 
     def __post_init__(self) -> None:
+        if not self.archs:
+            raise ParamsError(f"evaluate.archs: list at least one architecture ({', '.join(ARCHITECTURES)})")
         if self.protocol not in PROTOCOLS:
             raise ParamsError(f"evaluate.protocol: {self.protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
         for arch in self.archs:
             if arch not in ARCHITECTURES:
                 raise ParamsError(f"evaluate.archs: {arch!r} is unknown; allowed: {', '.join(ARCHITECTURES)}")
         for name in self.baselines:
-            if name not in CORESET_BASELINES:
+            if name not in CORESET_METHODS:
                 raise ParamsError(f"evaluate.baselines: {name!r} is unknown; allowed: "
-                                  f"{', '.join(CORESET_BASELINES)}")
-        if self.num_models < 1 or self.iterations < 1 or self.batch_size < 1 or self.full_data_epochs < 0:
-            raise ParamsError("evaluate.num_models/iterations/batch_size must be >= 1, full_data_epochs >= 0")
+                                  f"{', '.join(CORESET_METHODS)}")
+        check_minimums("evaluate", self, {"num_models": 1, "iterations": 1, "batch_size": 1, "full_data_epochs": 0})
 
 
 @dataclass(frozen=True)
@@ -250,10 +269,9 @@ class StudyParams:
 
     def __post_init__(self) -> None:
         check_seeds("study.seeds", self.seeds)
-        hyper_keys = [f.name for f in dataclasses.fields(Hyper)]
         for key, values in self.grid.items():
-            if key not in hyper_keys:
-                raise ParamsError(f"study.grid.{key}: not a distill.hyper key; allowed: {', '.join(hyper_keys)}")
+            if key not in HYPER_KEYS:
+                raise ParamsError(f"study.grid.{key}: not a distill.hyper key; allowed: {', '.join(HYPER_KEYS)}")
             if not values:
                 raise ParamsError(f"study.grid.{key}: list at least one value")
 
@@ -289,6 +307,9 @@ class Params:
                               f"({', '.join(self.buffer.train)})")
         if not 0 <= self.init.expert_index < self.buffer.num_experts:
             raise ParamsError(f"init.expert_index: {self.init.expert_index} must be in [0, buffer.num_experts)")
+        if self.distill.num_experts is not None and self.distill.num_experts > self.buffer.num_experts:
+            raise ParamsError(f"distill.num_experts: {self.distill.num_experts} is more than the "
+                              f"buffer.num_experts ({self.buffer.num_experts}) a buffer holds")
         for name in self.distill.methods:
             self.check_runnable(name, self.distill.configs[name])
         for name in self.distill.configs:  # every row, run now or by an experiment or study later
@@ -309,6 +330,19 @@ class Params:
             raise ParamsError(f"{key}.mct_anchors: {method.mct_anchors} is not built by buffer.mct_anchors "
                               f"({list(self.buffer.mct_anchors)})")
 
+    def _origin(self, method: str, ipc: int, setting: str, changes: dict[str, int | float]) -> str:
+        """Where a distillation setting of one cell comes from: the key to fix, then the cell it broke."""
+        cell = f"(distill.configs.{method} at ipc {ipc})"
+        if changes and (setting in changes or not setting):
+            return "study.grid point " + ", ".join(f"{k}={v}" for k, v in changes.items()) + f" {cell}"
+        if setting in self.distill.per_ipc.get(str(ipc), {}):
+            return f"distill.per_ipc.{ipc}.{setting} {cell}"
+        if setting in HYPER_KEYS:
+            return f"distill.hyper.{setting} {cell}"
+        if setting in METHOD_KEYS:
+            return f"distill.configs.{method}.{setting} (ipc {ipc})"
+        return f"distill.configs.{method} (ipc {ipc})"
+
     @property
     def distill_seed(self) -> int:
         """Seed of the distillation runs (segment sampling, DSA, batches, random-real init, perturbation).
@@ -323,21 +357,21 @@ class Params:
 
         `changes` replaces distill.hyper values (a point of the sweep study's grid).
         """
-        hyper, source, key = self.distill.hyper_for(ipc), "distill.hyper", f"distill.configs.{method} (ipc {ipc})"
+        hyper, changes = self.distill.hyper_for(ipc), changes or {}
         if changes:
-            source = "study.grid point " + ", ".join(f"{k}={v}" for k, v in changes.items())
-            hyper, key = from_mapping(Hyper, {**dataclasses.asdict(hyper), **changes}, source), f"{key} at {source}"
+            origin = self._origin(method, ipc, "", changes)
+            hyper = from_mapping(Hyper, {**dataclasses.asdict(hyper), **changes}, origin)
         chosen = self.distill.configs[method]
         switches = {k: v for k, v in dataclasses.asdict(chosen).items() if k not in ("buffer", "mct_anchors", "init")}
         try:
             config = DistillConfig(ipc=ipc, seed=self.distill_seed, **dataclasses.asdict(hyper), **switches)
         except ValueError as error:
-            raise ParamsError(f"{key}: {error}") from error
+            setting = str(error).split("=", 1)[0]
+            raise ParamsError(f"{self._origin(method, ipc, setting, changes)}: {error}") from error
         needed = hyper.max_start_epoch + hyper.expert_epochs - (1 if chosen.sampling == "discrete" else 0)
         if needed > self.buffer.epochs:
-            where = f"{source}: max_start_epoch" if changes else "distill.hyper.max_start_epoch"
-            raise ParamsError(f"{where}: {key} needs max_start_epoch + expert_epochs = "
-                              f"{needed} epochs but buffer.epochs is {self.buffer.epochs}")
+            raise ParamsError(f"{self._origin(method, ipc, 'max_start_epoch', changes)}: max_start_epoch + "
+                              f"expert_epochs = {needed} epochs but buffer.epochs is {self.buffer.epochs}")
         return config
 
 

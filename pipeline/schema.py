@@ -7,6 +7,7 @@ the field's type, and each dataclass's own `__post_init__` checks ranges. Errors
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -25,6 +26,17 @@ class ParamsError(UsageError):
 
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _yaml_number_hint(value: Any) -> str:
+    """Why a number written like 1e-5 arrives as text: YAML 1.1 (PyYAML) needs a dot and a signed exponent."""
+    try:
+        number = float(value) if isinstance(value, str) else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        return ""
+    return f" (YAML 1.1 reads {value} as text; write it as {number:.1e}, with a dot and a signed exponent)"
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -62,11 +74,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+            raise ParamsError(f"{key}: expected an integer, got {value!r}{_yaml_number_hint(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ParamsError(f"{key}: expected a number, got {value!r}")
+            raise ParamsError(f"{key}: expected a number, got {value!r}{_yaml_number_hint(value)}")
+        if not math.isfinite(value):
+            raise ParamsError(f"{key}: {value!r} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -216,7 +216,8 @@ def run_sweep(params: Params, row: MethodParams, features: torch.Tensor | None, 
                                                  seed=seed, features=features)
                     config = dataclasses.replace(params.distill_config(method, ipc, point), seed=seed)
                     result = distil(params, "sweep", name, row, config, init, data, device)
-                    _finish("sweep", name, {"point": point, "ipc": ipc, "seed": seed, **_selection(result)})
+                    _finish("sweep", name, {"point": point, "ipc": ipc, "seed": seed, "row": method,
+                                            "config": dataclasses.asdict(config), **_selection(result)})
                     sweep_report(params)
     return sweep_report(params)
 
@@ -334,31 +335,31 @@ def modules_report(params: Params) -> pd.DataFrame:
 
 
 def sweep_report(params: Params) -> pd.DataFrame:
-    """sweep_study.csv/.md and sweep_study.png: validation accuracy of every grid point, from the finished cells."""
+    """sweep_study.csv/.md and sweep_study.png from every finished sweep cell on disk (several sweep commands,
+    e.g. one per ipc with its own grid, add up to one table; delete the cells folder after changing anything
+    outside the grid)."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for path in sorted((STUDY / "sweep" / "cells").glob("*.json")):
+        cell = json.loads(path.read_text())
+        groups.setdefault((cell["ipc"], point_label(cell["point"])), []).append(cell)
     rows, series = [], {}
-    seeds = params.study.seeds
-    for ipc in params.distill.ipcs:
-        for point in params.study.grid_points():
-            cells = _cells("sweep", point_label(point), ipc, seeds)
-            if not cells:
-                continue
-            curves = [{p["iteration"]: p["val_acc"] for p in c["validation"]} for c in cells]
-            best = [max(curve.values()) for curve in curves]
-            rows.append({**point, "ipc": ipc, "seeds": len(cells),
-                         "val_start": _mean_std([curve[0] for curve in curves]),
-                         "val_best": _mean_std(best), "gain": round(statistics.fmean(
-                             b - curve[0] for b, curve in zip(best, curves, strict=True)), 2),
-                         "val_last": _mean_std([curve[max(curve)] for curve in curves]),
-                         "selected_iterations": "/".join(str(c["selected_iteration"]) for c in cells)})
-            iterations = sorted(set.intersection(*(set(curve) for curve in curves)))
-            series[f"ipc {ipc}: {point_label(point)}"] = (
-                iterations, [statistics.fmean(curve[i] for curve in curves) for i in iterations])
+    for (ipc, label), cells in sorted(groups.items()):
+        curves = [{p["iteration"]: p["val_acc"] for p in c["validation"]} for c in cells]
+        best = [max(curve.values()) for curve in curves]
+        rows.append({**cells[0]["point"], "ipc": ipc, "seeds": len(cells),
+                     "val_start": _mean_std([curve[0] for curve in curves]), "val_best": _mean_std(best),
+                     "gain": round(statistics.fmean(b - curve[0] for b, curve in zip(best, curves, strict=True)), 2),
+                     "val_last": _mean_std([curve[max(curve)] for curve in curves]),
+                     "selected_iterations": "/".join(str(c["selected_iteration"]) for c in cells)})
+        iterations = sorted(set.intersection(*(set(curve) for curve in curves)))
+        series[f"ipc {ipc}: {label}"] = (iterations, [statistics.fmean(curve[i] for curve in curves)
+                                                      for i in iterations])
     frame = pd.DataFrame(rows)
-    h = params.distill.hyper
-    note = (f"Row `{params.study.method}` of distill.configs at every point of study.grid ({h.iterations} "
-            f"iterations unless the grid sets them), validation accuracy ({params.distill.eval_models} networks x "
-            f"{params.distill.eval_iterations} iterations every {params.distill.eval_every}): start, best, gain "
-            f"(best - start) and last, mean ± std over {len(seeds)} seed(s). The test split is not used.")
+    note = (f"Row `{params.study.method}` of distill.configs at each grid point (the other settings as the "
+            f"profile: {params.distill.hyper.iterations} iterations), validation accuracy "
+            f"({params.distill.eval_models} networks x {params.distill.eval_iterations} iterations every "
+            f"{params.distill.eval_every}): start, best, gain (best - start) and last, mean ± std over the seeds "
+            "run. The test split is not used.")
     write_table(frame, "sweep_study", "Hyperparameter sweep on the validation split", note)
     if series:
         plot_curves(series, FIGURES / "sweep_study.png", "distillation iteration", "validation accuracy (%)",

@@ -98,7 +98,7 @@ def test_bad_sweep_grid_is_rejected_when_params_load(tmp_path: Path, change: dic
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"study": {"grid": {}, "method": "mtt"}}, "study.grid: map distill.hyper keys"),
-    ({"study": {"grid": {"max_start_epoch": [99]}, "method": "mtt"}}, "study.grid point max_start_epoch=99: max_"),
+    ({"study": {"grid": {"max_start_epoch": [99]}, "method": "mtt"}}, "study.grid point max_start_epoch=99 "),
     ({"study": {"grid": {"lr_img": [1.0]}, "method": None}}, "study.method"),
 ])
 def test_bad_sweep_settings_fail_before_compute(tmp_path: Path, change: dict, message: str) -> None:

@@ -1,0 +1,278 @@
+"""The method's settings and their validation; importing it costs no torch.
+
+Every name registry (datasets, architectures, protocols, initialisations, modes and switches of the
+distillation and expert settings, DSA families) and the two settings dataclasses, `DistillConfig` and
+`ExpertConfig`, are declared here once. The modules that use them (`ast_core.data`, `ast_core.distill`,
+`ast_core.experts`, ...) import them from here, so `from ast_core.distill import DistillConfig` keeps working,
+while `pipeline.params` validates a params file without importing torch, torchvision or scikit-learn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------------------
+# Name registries
+# ---------------------------------------------------------------------------------------------------------
+
+IMAGENET_SUBSETS: dict[str, list[str]] = {
+    # MTT's `Config` lists ImageNet-1k class indices; these are the same classes as WordNet ids, in the
+    # same order (label i is the i-th entry).
+    "imagenette": ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
+                   "n03394916", "n03417042", "n03425413", "n03445777", "n03888257"],
+    "imagewoof": ["n02096294", "n02093754", "n02111889", "n02088364", "n02086240",
+                  "n02089973", "n02087394", "n02115641", "n02099601", "n02105641"],
+    "imagefruit": ["n07753275", "n07753592", "n07745940", "n07747607", "n07749582",
+                   "n07768694", "n07753113", "n07720875", "n07718472", "n07742313"],
+    "imagemeow": ["n02123045", "n02123159", "n02123394", "n02123597", "n02124075",
+                  "n02129165", "n02129604", "n02128925", "n02128757", "n02127052"],
+    "imagesquawk": ["n01806143", "n02007558", "n01818515", "n02051845", "n02056570",
+                    "n01614925", "n01843383", "n01518878", "n01860187", "n01819313"],
+    "imageyellow": ["n02206856", "n12057211", "n07753592", "n07749582", "n12144580",
+                    "n04146614", "n03530642", "n02129165", "n01773157", "n01531178"],
+}
+
+DATASETS: tuple[str, ...] = (
+    "fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "tiny_imagenet", *IMAGENET_SUBSETS, "digits",
+)
+# Datasets whose digits must not be mirrored (METHOD.md section 1: drop `flip` for MNIST/SVHN).
+DIGIT_DATASETS: frozenset[str] = frozenset({"mnist", "svhn", "digits"})
+
+# MTT/AST forms first, then torchvision's batch-norm versions (options).
+ARCHITECTURES = ("convnet", "resnet18", "vgg11", "alexnet", "resnet18_bn", "vgg11_bn")
+PROTOCOLS = ("ast", "mtt")                                # evaluation protocols (ast_core.evaluate)
+INIT_METHODS = ("representative", "real", "noise")        # synthetic-set initialisations (ast_core.init)
+CORESET_METHODS = ("random", "herding", "kcenter", "kmeans")   # coreset baselines (ast_core.baselines)
+BETA_MODES = ("arclength", "uniform")                     # MCT anchor parameterisation (ast_core.trajectory)
+
+# Expert training (ast_core.experts, ast_core.losses).
+OPTIMIZERS = ("sgd", "momentum", "adam")
+GP_NORMS = ("sample", "pixel")
+GP_SIDES = ("two_sided", "one_sided")
+CLIP_SCHEDULES = ("paper", "code")
+
+# Distillation (ast_core.distill).
+SAMPLING = ("discrete", "continuous")
+INTERMEDIATE_WEIGHTS = ("equal", "varied")
+GRADIENT_MODES = ("unroll", "tesla")
+PERTURB_FORMS = ("paper", "code")
+DENOMINATORS = ("unperturbed", "perturbed")
+BALANCE_MIDDLES = ("half", "floor")
+
+# Differentiable Siamese Augmentation (ast_core.augment).
+DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+FAMILIES: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
+_IDENTITY = ("", "none")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks shared with the compute modules
+# ---------------------------------------------------------------------------------------------------------
+
+def parse_dsa_strategy(strategy: str) -> tuple[str, ...]:
+    """Split a DSA strategy `a_b_c` into families; `none`/empty give the identity (an empty tuple)."""
+    if not isinstance(strategy, str):
+        raise ValueError(f"strategy={strategy!r} must be a string such as {DEFAULT_STRATEGY!r}")
+    if strategy.strip().lower() in _IDENTITY:
+        return ()
+    families = tuple(strategy.split("_"))
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(
+            f"strategy={strategy!r} has unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+            f"allowed families: {', '.join(FAMILIES)} (joined by '_'), or 'none'"
+        )
+    return families
+
+
+def dsa_strategy_for(dataset: str, strategy: str = DEFAULT_STRATEGY) -> str:
+    """Return `strategy` adapted to `dataset`: `flip` is dropped for digit datasets (mnist, svhn, digits)."""
+    families = parse_dsa_strategy(strategy)
+    key = dataset.strip().lower().replace("-", "_")
+    if key in DIGIT_DATASETS:
+        families = tuple(f for f in families if f != "flip")
+    return "_".join(families) if families else "none"
+
+
+def check_balance(vartheta: float, log_base: float, middle: str) -> None:
+    """The settings of the balanced inner-loop loss (Eq. 20, `ast_core.distill.balance_factor`) are valid."""
+    if not (math.isfinite(vartheta) and vartheta > 1 and math.isfinite(log_base) and log_base > 1):
+        raise ValueError(f"vartheta={vartheta} and log_base={log_base} must be finite numbers > 1 so that nu > 0")
+    if middle not in BALANCE_MIDDLES:
+        raise ValueError(f"balance_middle={middle!r} is not supported; allowed: {', '.join(BALANCE_MIDDLES)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Every setting of one distillation run; validated on construction (before any compute)."""
+
+    ipc: int = 10
+    iterations: int = 1000
+    syn_steps: int = 20                  # N
+    expert_epochs: int = 2               # M
+    max_start_epoch: float = 20          # T+
+    batch_syn: int | None = None         # None: the whole synthetic set per student step
+    lr_img: float = 100.0
+    lr_lr: float = 1e-5
+    lr_teacher: float = 0.01             # initial alpha
+    img_momentum: float = 0.5
+    lr_momentum: float = 0.5
+    min_syn_lr: float = 1e-8             # alpha is kept >= this (positive)
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    sampling: str = "discrete"           # "continuous": MCT start epochs in U(0, T+)
+    balanced_loss: bool = False          # Eq. 20
+    vartheta: float = 8.0
+    log_base: float = math.e
+    intermediate_matching: bool = False  # Eq. 22
+    intermediate_weights: str = "equal"
+    perturb_rho: float = 0.0             # Eq. 23; 0 disables
+    perturb_form: str = "paper"          # paper: per filter of >= 2-D weights (Eq. 23) | code: conv layers, θ ⊙ d
+    intermediate_denominator: str = "unperturbed"  # Eq. 22 denominators from θ*_t, or from the perturbed start
+    balance_middle: str = "half"         # Eq. 20's m: T+/2 (paper) or floor(T+/2) (code)
+    max_image_growth: float = 100.0      # stop when the images' RMS exceeds this multiple of the initial RMS
+    student_momentum: float = 0.0        # optional heavy-ball student update
+    gradient: str = "unroll"             # "tesla": constant memory in N (no intermediate matching/momentum)
+    max_nonfinite: int = 10              # consecutive skipped iterations before giving up
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive_ints = {"ipc": self.ipc, "iterations": self.iterations, "syn_steps": self.syn_steps,
+                         "expert_epochs": self.expert_epochs, "max_nonfinite": self.max_nonfinite}
+        for key, value in positive_ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key}={value!r} must be a positive integer")
+        positive = {"lr_img": self.lr_img, "lr_lr": self.lr_lr, "lr_teacher": self.lr_teacher,
+                    "min_syn_lr": self.min_syn_lr, "max_start_epoch": self.max_start_epoch,
+                    "max_image_growth": self.max_image_growth}
+        for key, value in positive.items():
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{key}={value!r} must be a finite number > 0")
+        for key, value in {"img_momentum": self.img_momentum, "lr_momentum": self.lr_momentum,
+                           "student_momentum": self.student_momentum}.items():
+            if not 0 <= value < 1:  # NaN fails too
+                raise ValueError(f"{key}={value!r} must be in [0, 1)")
+        choices = {"sampling": (self.sampling, SAMPLING), "gradient": (self.gradient, GRADIENT_MODES),
+                   "intermediate_weights": (self.intermediate_weights, INTERMEDIATE_WEIGHTS),
+                   "perturb_form": (self.perturb_form, PERTURB_FORMS),
+                   "intermediate_denominator": (self.intermediate_denominator, DENOMINATORS),
+                   "balance_middle": (self.balance_middle, BALANCE_MIDDLES)}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
+        if self.batch_syn is not None and (not isinstance(self.batch_syn, int) or self.batch_syn < 1):
+            raise ValueError(f"batch_syn={self.batch_syn!r} must be a positive integer or null (all)")
+        if not (math.isfinite(self.perturb_rho) and self.perturb_rho >= 0):
+            raise ValueError(f"perturb_rho={self.perturb_rho!r} must be a finite number >= 0")
+        check_balance(self.vartheta, self.log_base, self.balance_middle)
+        if self.sampling == "discrete" and float(self.max_start_epoch) != int(self.max_start_epoch):
+            raise ValueError(f"max_start_epoch={self.max_start_epoch} must be an integer with discrete sampling")
+        if self.gradient == "tesla" and (self.intermediate_matching or self.student_momentum):
+            raise ValueError("gradient='tesla' supports neither intermediate_matching nor student_momentum; "
+                             "use gradient='unroll' for them")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+    """How to train one expert. Defaults: AST smooth experts (SGD + momentum, lr halved at epoch 25,
+    clipped CE 0.5 -> 1 over 5 epochs, two-sided GP with K = 1, μ = 1). The MTT baseline is
+    ``ExpertConfig(optimizer="sgd", lr_decay_epoch=None, clip_ce=False, grad_penalty=False)``.
+
+    The authors' code variant [C] (METHOD.md section 8) is ``clip_schedule="code"`` (λ = 0.5, 0.55, …, 0.95),
+    ``lr=0.003``, ``lr_decay_factor=0.6``, ``lr_decay_rebuild=True`` (momentum reset at the lr step),
+    ``weight_decay=1e-3``, ``gp_norm="pixel"``, ``gp_weight=2``; ``gp_sided="one_sided"`` is the paper's
+    text ("below K") rather than its two-sided formula.
+    `dsa_strategy` None picks `dsa_strategy_for(dataset)`; "none" turns augmentation off. `zca` only
+    records that the caller whitened the data (METHOD.md section 1).
+    """
+
+    arch: str = "convnet"
+    width: int = 128
+    depth: int | None = None
+    epochs: int = 50
+    batch_size: int = 256
+    optimizer: str = "momentum"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_decay_epoch: int | None = 25
+    lr_decay_factor: float = 0.5
+    lr_decay_rebuild: bool = False       # reset the optimiser state (momentum) at the lr step, as [C]
+    dsa_strategy: str | None = None
+    clip_ce: bool = True
+    clip_warmup_epochs: float = 5
+    clip_start: float = 0.5
+    clip_schedule: str = "paper"
+    grad_penalty: bool = True
+    gp_weight: float = 1.0
+    gp_target: float = 1.0
+    gp_norm: str = "sample"
+    gp_sided: str = "two_sided"
+    zca: bool = False
+
+    def __post_init__(self) -> None:
+        def positive_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        def number(value: Any, low: float, high: float = math.inf) -> bool:
+            real = isinstance(value, int | float) and not isinstance(value, bool)
+            return real and math.isfinite(value) and low <= value <= high
+
+        checks: dict[str, tuple[bool, str]] = {
+            "arch": (self.arch in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}"),
+            "width": (positive_int(self.width), "a positive integer"),
+            "depth": (self.depth is None or positive_int(self.depth), "None or a positive integer"),
+            "epochs": (positive_int(self.epochs), "a positive integer"),
+            "batch_size": (positive_int(self.batch_size), "a positive integer"),
+            "optimizer": (self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            "lr": (number(self.lr, 0.0) and self.lr > 0, "a finite number > 0"),
+            "momentum": (number(self.momentum, 0.0) and self.momentum < 1, "a number in [0, 1)"),
+            "weight_decay": (number(self.weight_decay, 0.0), "a finite number >= 0"),
+            "lr_decay_epoch": (self.lr_decay_epoch is None or positive_int(self.lr_decay_epoch),
+                               "None or a positive integer"),
+            "lr_decay_factor": (number(self.lr_decay_factor, 0.0, 1.0) and self.lr_decay_factor > 0,
+                                "a number in (0, 1]"),
+            "lr_decay_rebuild": (isinstance(self.lr_decay_rebuild, bool), "True or False"),
+            "dsa_strategy": (self.dsa_strategy is None or isinstance(self.dsa_strategy, str),
+                             "None or a DSA strategy string such as 'color_crop_cutout_flip_scale_rotate'"),
+            "clip_ce": (isinstance(self.clip_ce, bool), "True or False"),
+            "clip_warmup_epochs": (number(self.clip_warmup_epochs, 0.0), "a finite number >= 0"),
+            "clip_start": (number(self.clip_start, 0.0, 1.0), "a number in [0, 1]"),
+            "clip_schedule": (self.clip_schedule in CLIP_SCHEDULES, f"one of {', '.join(CLIP_SCHEDULES)}"),
+            "grad_penalty": (isinstance(self.grad_penalty, bool), "True or False"),
+            "gp_weight": (number(self.gp_weight, 0.0), "a finite number >= 0"),
+            "gp_target": (number(self.gp_target, 0.0), "a finite number >= 0"),
+            "gp_norm": (self.gp_norm in GP_NORMS, f"one of {', '.join(GP_NORMS)}"),
+            "gp_sided": (self.gp_sided in GP_SIDES, f"one of {', '.join(GP_SIDES)}"),
+            "zca": (isinstance(self.zca, bool), "True or False"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"ExpertConfig.{name}={getattr(self, name)!r} is invalid; "
+                                 f"allowed: {allowed}")
+        if self.dsa_strategy is not None:
+            try:
+                parse_dsa_strategy(self.dsa_strategy)
+            except ValueError as exc:
+                raise ValueError(f"ExpertConfig.dsa_strategy={self.dsa_strategy!r} is invalid: "
+                                 f"{exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dsa_for(self, dataset: str) -> str:
+        """The DSA strategy used on `dataset` (`dsa_strategy`, or the dataset's default when None)."""
+        return dsa_strategy_for(dataset) if self.dsa_strategy is None else self.dsa_strategy
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of a 0-indexed epoch: `lr`, times `lr_decay_factor` from `lr_decay_epoch` on."""
+        decayed = self.lr_decay_epoch is not None and epoch >= self.lr_decay_epoch
+        return self.lr * (self.lr_decay_factor if decayed else 1.0)
+
