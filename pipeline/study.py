@@ -210,7 +210,7 @@ def run_sweep(params: Params, row: MethodParams, features: torch.Tensor | None, 
     for ipc in params.distill.ipcs:
         for point in params.study.grid_points():
             for seed in params.study.seeds:
-                name = f"{point_label(point)}-ipc{ipc}-s{seed}"
+                name = f"{method}-{point_label(point)}-ipc{ipc}-s{seed}"
                 if _read("sweep", name) is None:
                     init = initial_synthetic_set(row.init, data.train_x, data.train_y, data.info.num_classes, ipc,
                                                  seed=seed, features=features)
@@ -338,25 +338,25 @@ def sweep_report(params: Params) -> pd.DataFrame:
     """sweep_study.csv/.md and sweep_study.png from every finished sweep cell on disk (several sweep commands,
     e.g. one per ipc with its own grid, add up to one table; delete the cells folder after changing anything
     outside the grid)."""
-    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for path in sorted((STUDY / "sweep" / "cells").glob("*.json")):
         cell = json.loads(path.read_text())
-        groups.setdefault((cell["ipc"], point_label(cell["point"])), []).append(cell)
+        groups.setdefault((cell["row"], cell["ipc"], point_label(cell["point"])), []).append(cell)
     rows, series = [], {}
-    for (ipc, label), cells in sorted(groups.items()):
+    for (row, ipc, label), cells in sorted(groups.items()):
         curves = [{p["iteration"]: p["val_acc"] for p in c["validation"]} for c in cells]
         best = [max(curve.values()) for curve in curves]
-        rows.append({**cells[0]["point"], "ipc": ipc, "seeds": len(cells),
+        rows.append({"row": row, **cells[0]["point"], "ipc": ipc, "seeds": len(cells),
                      "val_start": _mean_std([curve[0] for curve in curves]), "val_best": _mean_std(best),
                      "gain": round(statistics.fmean(b - curve[0] for b, curve in zip(best, curves, strict=True)), 2),
                      "val_last": _mean_std([curve[max(curve)] for curve in curves]),
                      "selected_iterations": "/".join(str(c["selected_iteration"]) for c in cells)})
         iterations = sorted(set.intersection(*(set(curve) for curve in curves)))
-        series[f"ipc {ipc}: {label}"] = (iterations, [statistics.fmean(curve[i] for curve in curves)
+        series[f"{row}, ipc {ipc}: {label}"] = (iterations, [statistics.fmean(curve[i] for curve in curves)
                                                       for i in iterations])
     frame = pd.DataFrame(rows)
-    note = (f"Row `{params.study.method}` of distill.configs at each grid point (the other settings as the "
-            f"profile: {params.distill.hyper.iterations} iterations), validation accuracy "
+    note = (f"A distill.configs row at each grid point (the other settings as the profile: "
+            f"{params.distill.hyper.iterations} iterations), validation accuracy "
             f"({params.distill.eval_models} networks x {params.distill.eval_iterations} iterations every "
             f"{params.distill.eval_every}): start, best, gain (best - start) and last, mean ± std over the seeds "
             "run. The test split is not used.")
