@@ -183,6 +183,7 @@ class MethodParams:
     balance_middle: str = "half"
     student_momentum: float = 0.0
     gradient: str = "unroll"
+    hyper: dict[str, int | float] = field(default_factory=dict)   # this row's own distill.hyper values
 
     def __post_init__(self) -> None:
         if self.init not in INIT_METHODS:
@@ -215,8 +216,12 @@ class DistillParams:
             if name not in self.configs:
                 raise ParamsError(f"distill.methods: {name!r} has no entry in distill.configs "
                                   f"(defined: {', '.join(self.configs)})")
-        for name in self.configs:
+        for name, row in self.configs.items():
             _check_name(f"distill.configs.{name}", name)
+            for key in row.hyper:
+                if key not in HYPER_KEYS:
+                    raise ParamsError(f"distill.configs.{name}.hyper.{key}: not a distill.hyper key; allowed: "
+                                      f"{', '.join(HYPER_KEYS)}")
         for key in self.per_ipc:
             if not key.isdigit():
                 raise ParamsError(f"distill.per_ipc.{key}: keys are ipc values such as '10'")
@@ -335,6 +340,8 @@ class Params:
         cell = f"(distill.configs.{method} at ipc {ipc})"
         if changes and (setting in changes or not setting):
             return "study.grid point " + ", ".join(f"{k}={v}" for k, v in changes.items()) + f" {cell}"
+        if setting in self.distill.configs[method].hyper:
+            return f"distill.configs.{method}.hyper.{setting} (ipc {ipc})"
         if setting in self.distill.per_ipc.get(str(ipc), {}):
             return f"distill.per_ipc.{ipc}.{setting} {cell}"
         if setting in HYPER_KEYS:
@@ -357,12 +364,13 @@ class Params:
 
         `changes` replaces distill.hyper values (a point of the sweep study's grid).
         """
-        hyper, changes = self.distill.hyper_for(ipc), changes or {}
-        if changes:
-            origin = self._origin(method, ipc, "", changes)
-            hyper = from_mapping(Hyper, {**dataclasses.asdict(hyper), **changes}, origin)
-        chosen = self.distill.configs[method]
-        switches = {k: v for k, v in dataclasses.asdict(chosen).items() if k not in ("buffer", "mct_anchors", "init")}
+        hyper, changes, chosen = self.distill.hyper_for(ipc), changes or {}, self.distill.configs[method]
+        for overrides, origin in ((chosen.hyper, f"distill.configs.{method}.hyper"),
+                                  (changes, self._origin(method, ipc, "", changes))):
+            if overrides:
+                hyper = from_mapping(Hyper, {**dataclasses.asdict(hyper), **overrides}, origin)
+        switches = {k: v for k, v in dataclasses.asdict(chosen).items()
+                    if k not in ("buffer", "mct_anchors", "init", "hyper")}
         try:
             config = DistillConfig(ipc=ipc, seed=self.distill_seed, **dataclasses.asdict(hyper), **switches)
         except ValueError as error:

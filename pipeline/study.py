@@ -307,7 +307,8 @@ def modules_report(params: Params) -> pd.DataFrame:
             means = [c["test_mean"] for c in cells]
             rows.append({"row": row, "ipc": ipc, "seeds": len(cells), "test_acc": _mean_std(means),
                          "per_seed": " / ".join(f"{v:.2f}" for v in means),
-                         "selected_iterations": "/".join(str(c["selected_iteration"]) for c in cells)})
+                         "selected_iterations": "/".join(str(c["selected_iteration"]) for c in cells),
+                         "lr_img": params.distill_config(row, ipc).lr_img})
             by_iteration: dict[int, list[float]] = {}
             for cell in cells:
                 for point in cell["validation"]:

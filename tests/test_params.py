@@ -105,6 +105,8 @@ BAD = [
     ("buffer.variants.ast.gp_target", float("nan"), "buffer.variants.ast.gp_target: nan must be a finite number"),
     ("buffer.mct_anchors", [99], "buffer.mct_anchors: [99] must all be in 2.."),
     ("buffer.workers", 0, "buffer.workers: 0 must be an integer >= 1"),
+    ("distill.configs.ast.hyper", {"lr_imgs": 3.0}, "distill.configs.ast.hyper.lr_imgs: not a distill.hyper key"),
+    ("distill.configs.ast.hyper", {"lr_img": -3.0}, "distill.configs.ast.hyper.lr_img (ipc 1): lr_img=-3.0"),
 ]
 
 
@@ -151,3 +153,13 @@ def test_cli_exits_2_and_names_the_key(tmp_path: Path, caplog: pytest.LogCapture
 def test_cli_rejects_a_cell_outside_the_matrix(caplog: pytest.LogCaptureFixture) -> None:
     assert main(["distill", "--params", str(ROOT / "params.yaml"), "--method", "mct4"]) == 2
     assert "--method" in caplog.text
+
+
+def test_a_row_may_override_distill_hyper_keys(tmp_path: Path) -> None:
+    """distill.configs.<row>.hyper replaces distill.hyper values for that row only (then a grid point wins)."""
+    change = with_change("distill.configs.ast.hyper", {"lr_img": 30.0, "syn_steps": 7})
+    params = load_params(write(tmp_path, change))
+    assert (params.distill_config("ast", 1).lr_img, params.distill_config("ast", 1).syn_steps) == (30.0, 7)
+    others = [name for name in params.distill.configs if name != "ast"]
+    assert all(params.distill_config(name, 1).lr_img == params.distill.hyper.lr_img for name in others)
+    assert params.distill_config("ast", 1, {"lr_img": 5.0}).lr_img == 5.0

@@ -60,7 +60,7 @@ def test_modules_study_writes_rows_and_convergence_curves(project) -> None:
     path, params = project
     study.run(params, "modules")
     table = pd.read_csv(path / "artifacts/report/tables/modules_study.csv")
-    assert list(table.columns) == ["row", "ipc", "seeds", "test_acc", "per_seed", "selected_iterations"]
+    assert list(table.columns) == ["row", "ipc", "seeds", "test_acc", "per_seed", "selected_iterations", "lr_img"]
     assert list(table["row"][:3]) == ["mtt", "mct2", "rep_init"]
     curves = pd.read_csv(path / "artifacts/report/tables/convergence_study.csv")
     assert sorted(set(curves["iteration"])) == [0, 1, 2]
