@@ -7,18 +7,22 @@ per class with an explicit seed, so splits are disjoint and repeatable.
 
 Decoding (IDX files, torchvision archives, JPEG folders) is the slow part, so its result (uint8 images,
 labels, class names) is stored once per dataset name + source + image size as a safetensors file in the
-cache folder (`cache_dir`, else `$AST_DD_CACHE`, else `~/.cache/ast-dd`). Later loads read that file only.
+cache folder (`cache_dir`, else `$AST_DD_CACHE`, else `~/.cache/ast-dd`). Later loads read that file only;
+an unreadable one (truncated, foreign) is decoded again and rewritten. An image file that cannot be decoded is a
+ValueError naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -84,6 +88,7 @@ _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".
 _GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
 _CACHE_FORMAT = "1"  # part of every cache key: bump it when the cached content changes meaning
 _FOLDER_PREFIX = "imagefolder:"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -324,7 +329,7 @@ def _image_folder_source(name: str, folder: Path, size: int | None) -> _Source:
             raise ValueError(f"{name}: test classes {unknown} have no training folder in {train_dir}")
         test = [(path, i) for i, cls in enumerate(classes) for path in _image_files(test_dir / cls)]
     if size is None:
-        with Image.open(train[0][0]) as first:
+        with _opened(train[0][0]) as first:
             size = min(first.size)
     return _files_source(name, f"imagefolder:{folder.resolve()}", size, train, test, tuple(classes))
 
@@ -349,23 +354,31 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _cached_raw(source: _Source, cache: Path) -> _Raw:
-    """Read the decoded dataset from the cache, decoding and storing it first if absent."""
+    """Read the decoded dataset from the cache, decoding and storing it first if absent or unreadable."""
     key = f"{_CACHE_FORMAT}|{source.name}|{source.key}|{source.size}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     slug = "imagefolder" if source.name.startswith(_FOLDER_PREFIX) else source.name
     path = cache / f"{slug}-{source.size or 'native'}-{digest}.safetensors"
     if path.is_file():
-        tensors = load_file(path)
-        with safe_open(path, framework="pt") as handle:
-            meta = handle.metadata()
-        return _Raw(tensors["train_x"], tensors["train_y"], tensors["test_x"], tensors["test_y"],
-                    tuple(json.loads(meta["class_names"])), int(meta["pixel_max"]))
+        try:
+            return _read_cache(path)
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:  # truncated or foreign
+            log.warning("cached dataset %s is unreadable (%s): decoding the dataset again to rebuild it", path, error)
     raw = _decode(source)
     tensors = {k: getattr(raw, k).contiguous() for k in ("train_x", "train_y", "test_x", "test_y")}
     meta = {"class_names": json.dumps(list(raw.class_names)), "pixel_max": str(raw.pixel_max),
             "source": source.key}  # `source` is for people inspecting the file
     atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return raw
+
+
+def _read_cache(path: Path) -> _Raw:
+    """The decoded dataset stored at `path` by `_cached_raw`."""
+    tensors = load_file(path)
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata()
+    return _Raw(tensors["train_x"], tensors["train_y"], tensors["test_x"], tensors["test_y"],
+                tuple(json.loads(meta["class_names"])), int(meta["pixel_max"]))
 
 
 def _decode(source: _Source) -> _Raw:
@@ -472,17 +485,27 @@ def _read_images(paths: Sequence[Path], size: int, mode: str | None = None) -> T
     `mode` defaults to grayscale if the first image is, else RGB; every image is converted to it.
     """
     if mode is None:
-        with Image.open(paths[0]) as first:
+        with _opened(paths[0]) as first:
             mode = "L" if first.mode in _GRAYSCALE_MODES else "RGB"
 
     def read(path: Path) -> np.ndarray:
-        with Image.open(path) as img:
+        with _opened(path) as img:
             return np.asarray(_square(img.convert(mode), size))
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         arrays = list(pool.map(read, paths))
     stacked = torch.from_numpy(np.stack(arrays))
     return stacked[:, None] if mode == "L" else stacked.permute(0, 3, 1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """`Image.open(path)`; a file PIL cannot decode (broken, truncated, not an image) is a ValueError naming it."""
+    try:
+        with Image.open(path) as img:
+            yield img
+    except (OSError, SyntaxError) as error:  # PIL: UnidentifiedImageError, "image file is truncated", ...
+        raise ValueError(f"{path} is not a readable image ({error}); replace or delete the file") from error
 
 
 def _square(img: Image.Image, size: int) -> Image.Image:

@@ -148,11 +148,26 @@ class NonFiniteError(RuntimeError):
     """Raised when non-finite losses or gradients keep occurring and the run cannot make progress."""
 
 
+MAX_SYN_LR_GROWTH = 1000.0  # alpha past this multiple of lr_teacher (or non-finite) is a diverged run
+
+
 class DivergenceError(RuntimeError):
-    """Raised when the images' RMS grows past `max_image_growth` times its start: the run has diverged."""
+    """The run has diverged: the images' RMS grew past `max_image_growth` times its start, alpha (syn_lr) past
+    `MAX_SYN_LR_GROWTH` (1000) times `lr_teacher` or became non-finite, or a learning rate (lr_img, lr_lr,
+    lr_teacher) is too large for the images' float type, so that alpha or every update would overflow."""
 
 
 Evaluator = Callable[[Tensor, Tensor, float], float]
+
+
+def check_representable(config: DistillConfig, dtype: torch.dtype) -> None:
+    """lr_img, lr_lr and lr_teacher must fit the images' float type: larger, alpha or every update overflows."""
+    largest = torch.finfo(dtype).max
+    for key in ("lr_img", "lr_lr", "lr_teacher"):
+        value = getattr(config, key)
+        if value > largest:
+            raise DivergenceError(f"{key}={value:g} is larger than the largest {dtype} ({largest:.3g}) and would "
+                                  f"overflow; lower {key}")
 
 
 class Distiller:
@@ -184,6 +199,7 @@ class Distiller:
             raise ValueError("init_images contains non-finite values")
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1")
+        check_representable(config, init_images.dtype)
         self.config = config
         self.trajectories = trajectories
         self.flat_model = flat_model
@@ -357,7 +373,7 @@ class Distiller:
                                  "or lr_lr, or check the expert buffer. The last good images are in the checkpoint.")
 
     def _check_growth(self, record: dict[str, float]) -> None:
-        """Record the images' RMS; stop with a clear error when it has grown by orders of magnitude."""
+        """Record the images' RMS; stop with a clear error when it or alpha has grown by orders of magnitude."""
         record["image_rms"] = float(self._image_rms())
         growth = record["image_rms"] / self.initial_rms
         if growth > self.config.max_image_growth:  # the last checkpoint (before this) stays the resume point
@@ -365,6 +381,12 @@ class Distiller:
                 f"distillation diverged at iteration {self.iteration}: the images' RMS is {record['image_rms']:.3g}, "
                 f"{growth:.3g}x its start (limit max_image_growth = {self.config.max_image_growth:g}); lower "
                 f"lr_img (now {self.config.lr_img:g}) or lr_lr")
+        lr_growth = record["syn_lr"] / self.config.lr_teacher
+        if not lr_growth <= MAX_SYN_LR_GROWTH:  # also true for NaN
+            raise DivergenceError(
+                f"distillation diverged at iteration {self.iteration}: alpha (syn_lr) is {record['syn_lr']:.3g}, "
+                f"{lr_growth:.3g}x lr_teacher (limit {MAX_SYN_LR_GROWTH:g}x); lower lr_lr (now "
+                f"{self.config.lr_lr:g})")
 
     def _evaluate(self) -> None:
         """Validation accuracy of the current set, appended to `validation`; keeps the best set so far."""

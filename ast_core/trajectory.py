@@ -29,7 +29,8 @@ Convex file (``kind="convex"``, MCT section 3), with header entries ``beta_mode`
 - ``beta``: ``[K+1, L]`` float32; ``beta[e, l]`` is β_l at epoch e inside the segment that *starts* at
   or before e, so it is 0 at every anchor epoch but the last and 1 at epoch K.
 
-`load_trajectory` checks all of this and raises `FileNotFoundError`/`ValueError` naming the file.
+`load_trajectory` checks all of this, and that every value is finite, and raises `FileNotFoundError`/
+`ValueError` naming the file.
 """
 
 from __future__ import annotations
@@ -380,8 +381,8 @@ def _open(path: str | os.PathLike, with_tensors: bool) -> tuple[str, dict[str, s
             names = list(handle.keys()) if with_tensors else []
             tensors = {name: handle.get_tensor(name) for name in names}
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{file} is not a readable safetensors file (corrupted or truncated?): "
-                         f"{exc}") from exc
+        raise ValueError(f"{file} is not a readable safetensors file (corrupted or truncated?): {exc}; delete "
+                         "it and train (or convexify) that expert again") from exc
     return kind, header, metadata, tensors
 
 
@@ -395,11 +396,21 @@ def _expect_tensors(tensors: Mapping[str, Tensor], names: set[str]) -> None:
         raise ValueError(f"the file holds tensors {sorted(tensors)}; expected {sorted(names)}")
 
 
+def _check_finite(tensors: Mapping[str, Tensor]) -> None:
+    """Every stored value must be finite: a NaN or inf expert would only make distillation skip iterations."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"`{name}` holds NaN or infinite values (a diverged expert or a damaged file); "
+                             "delete the file and retrain that expert (with a lower lr if it diverged)")
+
+
 def load_trajectory(path: str | os.PathLike) -> Trajectory:
-    """Load a plain (`PlainTrajectory`) or convexified (`ConvexTrajectory`) expert file, with checks."""
+    """Load a plain (`PlainTrajectory`) or convexified (`ConvexTrajectory`) expert file, with checks (non-finite
+    values are a ValueError naming the file)."""
     file = Path(path)
     kind, header, metadata, tensors = _open(file, with_tensors=True)
     try:
+        _check_finite(tensors)
         if kind == "plain":
             _expect_tensors(tensors, {"checkpoints"})
             trajectory = PlainTrajectory(tensors["checkpoints"], metadata)

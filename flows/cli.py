@@ -81,13 +81,23 @@ def cmd_flow_ablate(args: argparse.Namespace, params: Params) -> None:
     finish(ablation(grid=grid, overrides=parse_sets(args.set), project_dir=str(Path.cwd()), return_state=True))
 
 
+def check_ports(port: int, mlflow_port: int | None) -> None:
+    """Both servers need a TCP port of their own."""
+    for option, value in (("--port", port), ("--mlflow-port", mlflow_port)):
+        if value is not None and not 1 <= value <= 65535:
+            raise ParamsError(f"{option}: {value} is not a TCP port (1-65535)")
+    if port == mlflow_port:
+        raise ParamsError(f"--mlflow-port: {mlflow_port} is the Prefect server's --port too; choose another")
+
+
 def cmd_serve(args: argparse.Namespace, params: Params) -> None:
-    from flows.serve import serve
     from pipeline.runner import ensure_params_file
 
     ensure_params_file(args.params)
     if args.gpus is not None and args.gpus < 1:
         raise ParamsError(f"--gpus: {args.gpus} must be >= 1")
+    check_ports(args.port, None if args.no_mlflow else args.mlflow_port)
+    from flows.serve import serve  # imports Prefect: only once the options are known to be usable
     quiet_http_logs()
     serve(Path.cwd(), host=args.host, port=args.port, mlflow_port=args.mlflow_port, cron=args.cron,
           ablation_cron=args.ablation_cron, gpus=args.gpus, mlflow=not args.no_mlflow)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -61,6 +62,21 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float = STARTUP_
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
+def api_address(host: str, port: int) -> str:
+    """The Prefect API URL of a server bound to `host`:`port`, as local clients and the UI reach it."""
+    return f"http://{client_host(host)}:{port}/api"
+
+
+def prefect_server(host: str, port: int) -> subprocess.Popen:
+    """`prefect server start` on `host`:`port` whose UI calls the API there. Without PREFECT_UI_API_URL the UI
+    would call PREFECT_API_URL from the profile or the environment, else PREFECT_SERVER_API_PORT (4200), not
+    the port given with --port."""
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_UI_API_URL": api_address(host, port)}
+    return subprocess.Popen(venv_command("prefect", "server", "start", "--host", host, "--port", str(port),
+                                         "--analytics-off"), env=env)
+
+
 def venv_command(name: str, *args: str) -> list[str]:
     """A console script of this environment (next to the running Python), else from PATH."""
     candidate = Path(sys.executable).with_name(name)
@@ -100,11 +116,10 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 4200, mlflow_port: in
           ablation_cron: str | None = None, gpus: int | None = None, mlflow: bool = True) -> None:
     """Start the servers, set the `gpu` limit and serve the deployments until interrupted (SIGINT/SIGTERM)."""
     root = root.resolve()
-    api_url = f"http://{client_host(host)}:{port}/api"
+    api_url = api_address(host, port)
     signal.signal(signal.SIGTERM, _stop)
     with child_processes() as processes, temporary_settings(updates={PREFECT_API_URL: api_url}):
-        processes.append(subprocess.Popen(venv_command("prefect", "server", "start", "--host", host, "--port",
-                                                       str(port), "--analytics-off")))
+        processes.append(prefect_server(host, port))
         wait_until_up(f"{api_url}/health", processes[-1])
         set_gpu_limit(gpus or max(1, len(visible_gpus())))  # 1 on a CPU: one at a time
         if mlflow:

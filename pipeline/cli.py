@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params, args.profile or ())
         if args.command != "params":
-            preflight()
+            preflight(params.tracking.experiment)
         args.handler(args, params)
     except UsageError as error:
         log.error("%s", error)

@@ -14,6 +14,7 @@ EVALUATE = ARTIFACTS / "evaluate"
 BASELINES = ARTIFACTS / "baselines"
 REPORT = ARTIFACTS / "report"
 CHECKPOINTS = ARTIFACTS / "checkpoints"   # resumable state, not a DVC output
+TIMING = ARTIFACTS / "timing"             # wall-clock seconds of stage runs: not a DVC output, so reruns match
 
 
 def buffer_dir(variant: str) -> Path:
@@ -34,6 +35,10 @@ def distill_dir(method: str, ipc: int) -> Path:
 
 def distill_checkpoint_dir(method: str, ipc: int) -> Path:
     return CHECKPOINTS / "distill" / method / f"ipc{ipc}"
+
+
+def distill_timing_file(method: str, ipc: int) -> Path:
+    return TIMING / "distill" / method / f"ipc{ipc}.json"
 
 
 def evaluate_dir(method: str, ipc: int) -> Path:

@@ -290,6 +290,10 @@ class StudyParams:
 class TrackingParams:
     experiment: str = "ast-dd"
 
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise ParamsError("tracking.experiment: name the MLflow experiment runs are logged to (e.g. ast-dd)")
+
 
 @dataclass(frozen=True)
 class Params:

@@ -13,6 +13,7 @@ from torch import Tensor
 from ast_core.data import DatasetSplits, load_dataset
 from ast_core.io import atomic_write_with
 from ast_core.zca import ZCA
+from pipeline.checks import check_data
 from pipeline.layout import PREPARE
 from pipeline.params import Params
 
@@ -50,10 +51,13 @@ def zca_on_raw_pixels(params: Params) -> bool:
 
 
 def load_raw(params: Params, download: bool) -> DatasetSplits:
-    """The splits before ZCA: [0, 1] pixels under a raw-pixel ZCA, else mean/std-normalised."""
-    return load_dataset(params.data.dataset, root=params.data.root, val_size=params.data.val_size,
+    """The splits before ZCA: [0, 1] pixels under a raw-pixel ZCA, else mean/std-normalised; checked to suit
+    the settings (`check_data`: classes, ipc) before any stage computes with them."""
+    data = load_dataset(params.data.dataset, root=params.data.root, val_size=params.data.val_size,
                         seed=params.seed, cache_dir=str(CACHE), download=download,
                         normalize=not zca_on_raw_pixels(params))
+    check_data(params, data)
+    return data
 
 
 def fit_and_save_zca(params: Params, data: DatasetSplits) -> ZCA:

@@ -343,11 +343,12 @@ def sweep_report(params: Params) -> pd.DataFrame:
     for path in sorted((STUDY / "sweep" / "cells").glob("*.json")):
         cell = json.loads(path.read_text())
         groups.setdefault((cell["row"], cell["ipc"], point_label(cell["point"])), []).append(cell)
-    rows, series = [], {}
-    for (row, ipc, label), cells in sorted(groups.items()):
+    rows, series, keys = [], {}, {}
+    for (row, ipc, label), cells in sorted(groups.items(), key=lambda g: (g[0][:2], sorted(g[1][0]["point"].items()))):
+        keys.update(dict.fromkeys(cells[0]["point"]))
         curves = [{p["iteration"]: p["val_acc"] for p in c["validation"]} for c in cells]
         best = [max(curve.values()) for curve in curves]
-        rows.append({"row": row, **cells[0]["point"], "ipc": ipc, "seeds": len(cells),
+        rows.append({"row": row, "ipc": ipc, **cells[0]["point"], "seeds": len(cells),
                      "val_start": _mean_std([curve[0] for curve in curves]), "val_best": _mean_std(best),
                      "gain": round(statistics.fmean(b - curve[0] for b, curve in zip(best, curves, strict=True)), 2),
                      "val_last": _mean_std([curve[max(curve)] for curve in curves]),
@@ -356,6 +357,8 @@ def sweep_report(params: Params) -> pd.DataFrame:
         series[f"{row}, ipc {ipc}: {label}"] = (iterations, [statistics.fmean(curve[i] for curve in curves)
                                                       for i in iterations])
     frame = pd.DataFrame(rows)
+    first = ["row", "ipc", *keys]
+    frame = frame[first + [c for c in frame.columns if c not in first]] if rows else frame
     note = (f"A distill.configs row at each grid point (the other settings as the profile: "
             f"{params.distill.hyper.iterations} iterations), validation accuracy "
             f"({params.distill.eval_models} networks x {params.distill.eval_iterations} iterations every "

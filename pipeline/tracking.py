@@ -1,17 +1,26 @@
-"""MLflow tracking for stage runs: one run per stage execution, nested under the pipeline's run.
+"""MLflow tracking: one run per stage execution, nested under the run of the invocation that started it.
 
-Default store: ``sqlite:///<project root>/mlflow.db`` with an absolute path, where the project root is
-DVC's ``DVC_ROOT`` (set for stages and for ``dvc exp run --temp`` copies, so runs made in a temporary copy
-land in the real project) or the current directory. Any server: set ``MLFLOW_TRACKING_URI``.
-A pipeline execution (``ast-dd run``, a Prefect flow) exports ``AST_DD_PARENT_RUN_ID``; stage runs nest
-under it. Runs end FAILED when the stage raises (MLflow's context manager does this).
+Store: ``MLFLOW_TRACKING_URI`` when set (a relative sqlite path is read from the project root), else
+``sqlite:///<project root>/mlflow.db``, where the project root is DVC's ``DVC_ROOT`` (set for stages and for
+the temporary copies of ``dvc exp run --temp``/``--queue``, so their runs land in the real project) or the
+current directory. An experiment created in a database store keeps its artifacts in
+``<project root>/mlartifacts`` (absolute), never inside a temporary copy; a tracking server stores its own.
+
+Nesting: an invocation (``ast-dd run``, a Prefect flow, one experiment of ``ast-dd ablate``) opens a parent run
+and exports ``AST_DD_PARENT_RUN_ID``; stage runs nest under it. The stages of a DVC experiment
+(``DVC_EXP_NAME``) nest under one run named after the experiment (the invocation's run itself when it bears that
+name). A parent run under which nothing ran is deleted. Each run records the pid and host of the process that
+owns it; every start closes the RUNNING runs of this host whose process is gone as KILLED. A run ends FAILED
+when its stage raises.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,12 +30,16 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.schema import flatten_keys
+from pipeline.preflight import check_experiment_name
+from pipeline.schema import UsageError, flatten_keys
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "AST_DD_PARENT_RUN_ID"
 PREFECT_ENV = "AST_DD_PREFECT_FLOW_RUN_ID"
+PID_TAG, HOST_TAG, EXP_KEY_TAG = "ast_dd_pid", "ast_dd_host", "ast_dd_exp_key"
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 BATCH = 1000
 
 
@@ -35,7 +48,18 @@ def project_root() -> Path:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI`` (a relative sqlite path taken from the project root), else the project's store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{project_root() / uri.removeprefix('sqlite:///')}"
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a database store keeps artifacts; None lets a server choose."""
+    if uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
+        return (project_root() / "mlartifacts").as_uri()
+    return None
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -48,32 +72,119 @@ def git_commit(root: Path | None = None) -> str:
 
 
 def run_tags(stage: str) -> dict[str, str]:
-    """Tags that let a run be traced back: git commit, DVC stage and experiment, Prefect flow run."""
+    """Tags that let a run be traced back: git commit, DVC stage and experiment, Prefect flow run, owner."""
     return {"git_commit": git_commit(), "dvc_stage": os.environ.get("DVC_STAGE", stage),
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), "stage": stage,
-            "prefect_flow_run_id": os.environ.get(PREFECT_ENV, "")}
+            "prefect_flow_run_id": os.environ.get(PREFECT_ENV, ""), **owner_tags()}
 
 
-def configure(experiment: str) -> None:
-    """Point MLflow at the store; a new experiment in the default local store keeps its artifacts in
-    ``<project root>/mlartifacts`` (absolute), so runs from `dvc exp run --temp` copies are not lost."""
-    mlflow.set_tracking_uri(tracking_uri())
-    if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.get_experiment_by_name(experiment) is None:
+def owner_tags() -> dict[str, str]:
+    """The process that owns a run: if it is gone while the run is RUNNING, the run was killed."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def configure(experiment: str) -> str:
+    """Point MLflow at the store and select `experiment` (created with its artifacts in the project when the
+    store is a database); returns its id. An empty or deleted one is a usage error naming `tracking.experiment`."""
+    check_experiment_name(experiment)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI, so it tells nothing about the user's choice
+    existing = mlflow.get_experiment_by_name(experiment)
+    if existing is not None and existing.lifecycle_stage == "deleted":
+        raise UsageError(f"tracking.experiment: {experiment!r} is deleted in {uri}; restore it (`mlflow experiments "
+                         f"restore --experiment-id {existing.experiment_id}`) or choose another name")
+    location = artifact_location(uri)
+    if existing is None and location:
         with contextlib.suppress(MlflowException):  # created meanwhile by a parallel stage
-            mlflow.create_experiment(experiment, artifact_location=(project_root() / "mlartifacts").as_uri())
-    mlflow.set_experiment(experiment)
+            mlflow.create_experiment(experiment, artifact_location=location)
+    return mlflow.set_experiment(experiment).experiment_id
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True
+
+
+def all_experiments(client: MlflowClient) -> list[str]:
+    """The ids of the store's active experiments (runs of one invocation may span several)."""
+    return [experiment.experiment_id for experiment in client.search_experiments()]
+
+
+def close_dead_runs(client: MlflowClient) -> None:
+    """Mark KILLED the RUNNING runs of this host whose owning process no longer exists."""
+    query = f"attributes.status = 'RUNNING' and tags.{HOST_TAG} = '{socket.gethostname()}'"
+    for run in client.search_runs(all_experiments(client), query, max_results=BATCH):
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and not process_alive(int(pid)):
+            log.info("MLflow run %s (%s) was left RUNNING by process %s, which is gone: marked KILLED",
+                     run.info.run_id, run.info.run_name, pid)
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def begin(experiment: str) -> tuple[MlflowClient, str]:
+    """Configure MLflow, close the runs of dead processes; the client and the experiment id."""
+    experiment_id = configure(experiment)
+    client = MlflowClient(mlflow.get_tracking_uri())
+    close_dead_runs(client)
+    return client, experiment_id
+
+
+def experiment_key(name: str, outer: str | None) -> str:
+    """Identifies one execution of DVC experiment `name`: its baseline, working copy (a temporary copy for
+    --temp/--queue) and invoking run; a workspace rerun of the same name from the same commit joins its run."""
+    parts = [name, os.environ.get("DVC_EXP_BASELINE_REV", ""), str(Path.cwd().resolve()), outer or ""]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def experiment_run(client: MlflowClient, experiment_id: str, name: str, outer: str | None) -> str:
+    """The run named after DVC experiment `name` (found or created, under `outer`), RUNNING for this process."""
+    key = experiment_key(name, outer)
+    found = client.search_runs([experiment_id], f"tags.{EXP_KEY_TAG} = '{key}'", max_results=1)
+    if not found:
+        tags = {**run_tags("experiment"), "dvc_stage": "", EXP_KEY_TAG: key,
+                "dvc_exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+        if outer:
+            tags[MLFLOW_PARENT_RUN_ID] = outer
+        return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    run_id = found[0].info.run_id
+    for tag, value in owner_tags().items():  # before RUNNING: a sweep must never see a dead owner
+        client.set_tag(run_id, tag, value)
+    client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+@contextlib.contextmanager
+def parent_run(client: MlflowClient, experiment_id: str) -> Iterator[str | None]:
+    """The run a stage run nests under: its DVC experiment's run (RUNNING while the stage runs, then FINISHED
+    or FAILED like the stage), else the invocation's run, else none."""
+    outer = os.environ.get(PARENT_ENV) or None
+    name = os.environ.get("DVC_EXP_NAME")
+    if not name or (outer is not None and client.get_run(outer).info.run_name == name):
+        yield outer
+        return
+    run_id = experiment_run(client, experiment_id, name, outer)
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, run_name: str, params: Mapping[str, Any],
               tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
-    """Open an MLflow run for one stage execution (nested under the pipeline run when there is one)."""
-    configure(experiment)
-    parent = os.environ.get(PARENT_ENV) or None
+    """Open an MLflow run for one stage execution, nested under its experiment's or invocation's run."""
+    client, experiment_id = begin(experiment)
     all_tags = {**run_tags(stage), **(tags or {})}
-    with mlflow.start_run(run_name=run_name, parent_run_id=parent, nested=parent is not None, tags=all_tags) as run:
-        flat = flatten_keys(params)
-        items = list(flat.items())
+    with parent_run(client, experiment_id) as parent, mlflow.start_run(
+            run_name=run_name, parent_run_id=parent, nested=parent is not None, tags=all_tags) as run:
+        items = list(flatten_keys(params).items())
         for start in range(0, len(items), 100):
             mlflow.log_params(dict(items[start:start + 100]))
         yield StageRun(run.info.run_id)
@@ -104,16 +215,33 @@ class StageRun:
 
 
 @contextlib.contextmanager
+def exported_parent(run_id: str) -> Iterator[None]:
+    """``AST_DD_PARENT_RUN_ID=run_id`` for this process and the stage processes it starts."""
+    previous = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = run_id
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = previous
+
+
+def delete_if_empty(client: MlflowClient, run_id: str) -> None:
+    """Delete a parent run under which no run was opened (a no-op invocation)."""
+    if not client.search_runs(all_experiments(client), f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'", max_results=1):
+        log.info("nothing ran: MLflow parent run %s deleted", run_id)
+        client.delete_run(run_id)
+
+
+@contextlib.contextmanager
 def pipeline_run(experiment: str, run_name: str = "pipeline") -> Iterator[str]:
-    """A parent run for one pipeline execution; stage processes started inside inherit its id."""
-    configure(experiment)
-    with mlflow.start_run(run_name=run_name, tags=run_tags("pipeline")) as run:
-        previous = os.environ.get(PARENT_ENV)
-        os.environ[PARENT_ENV] = run.info.run_id
-        try:
+    """A parent run for one invocation; stage processes started inside inherit its id. Deleted when empty."""
+    client, _ = begin(experiment)
+    run = mlflow.start_run(run_name=run_name, tags=run_tags("pipeline"))
+    try:
+        with run, exported_parent(run.info.run_id):
             yield run.info.run_id
-        finally:
-            if previous is None:
-                os.environ.pop(PARENT_ENV, None)
-            else:
-                os.environ[PARENT_ENV] = previous
+    finally:
+        delete_if_empty(client, run.info.run_id)

@@ -298,6 +298,7 @@ def test_serve_brings_up_both_uis_the_limit_and_scheduled_deployments(toy_projec
         assert by_entrypoint["ablation"]["parameters"] == {"project_dir": str(toy_project)}
         assert get_json(f"{api}/v2/concurrency_limits/tag:gpu")["limit"] == 2
         assert get_json(f"http://127.0.0.1:{mlflow_port}/health") == "OK"
+        assert get_json(f"http://127.0.0.1:{port}/ui-settings")["api_url"] == api
         assert "<html" in urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode().lower()
     finally:
         process.send_signal(signal.SIGTERM)
@@ -305,6 +306,34 @@ def test_serve_brings_up_both_uis_the_limit_and_scheduled_deployments(toy_projec
     for url in (f"{api}/health", f"http://127.0.0.1:{mlflow_port}/health"):
         with pytest.raises(OSError):
             urllib.request.urlopen(url, timeout=5)
+
+
+def test_prefect_ui_calls_the_api_on_the_chosen_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The UI's settings endpoint names the served port, even where PREFECT_API_URL (e.g. from a profile)
+    names the default one."""
+    from flows.serve import child_processes, prefect_server, wait_until_up
+
+    port = free_port()
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    api = f"http://127.0.0.1:{port}/api"
+    with child_processes() as processes:
+        processes.append(prefect_server("127.0.0.1", port))
+        wait_until_up(f"{api}/health", processes[-1])
+        assert get_json(f"http://127.0.0.1:{port}/ui-settings")["api_url"] == api
+
+
+@pytest.mark.parametrize(("ports", "message"), [(["--port", "0"], "--port: 0 is not a TCP port"),
+                                               (["--mlflow-port", "70000"], "--mlflow-port: 70000"),
+                                               (["--port", "5000"], "--mlflow-port: 5000 is the Prefect")])
+def test_serve_rejects_unusable_ports_before_starting_anything(ports: list[str], message: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from pipeline.cli import main
+
+    shutil.copy(ROOT / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", *ports]) == 2
+    assert message in caplog.text
 
 
 def test_flow_run_command_rejects_a_bad_override_before_starting_prefect(toy_project: Path) -> None:

@@ -105,6 +105,7 @@ BAD = [
     ("buffer.variants.ast.gp_target", float("nan"), "buffer.variants.ast.gp_target: nan must be a finite number"),
     ("buffer.mct_anchors", [99], "buffer.mct_anchors: [99] must all be in 2.."),
     ("buffer.workers", 0, "buffer.workers: 0 must be an integer >= 1"),
+    ("tracking.experiment", " ", "tracking.experiment: name the MLflow experiment"),
     ("distill.configs.ast.hyper", {"lr_imgs": 3.0}, "distill.configs.ast.hyper.lr_imgs: not a distill.hyper key"),
     ("distill.configs.ast.hyper", {"lr_img": -3.0}, "distill.configs.ast.hyper.lr_img (ipc 1): lr_img=-3.0"),
 ]

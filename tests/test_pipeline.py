@@ -78,6 +78,17 @@ def test_second_repro_does_nothing(project, first_run) -> None:
     assert "up to date" in sh(["dvc", "status"], path, env)
 
 
+def test_hand_rerun_of_a_finished_cell_leaves_dvc_up_to_date(project, first_run) -> None:
+    """Wall-clock times live outside DVC outputs (artifacts/timing/), so rerunning a cell reproduces them."""
+    path, env = project
+    sh(["ast-dd", "distill", "--method", "ast", "--ipc", "1"], path, env)
+    assert "up to date" in sh(["dvc", "status"], path, env)
+    assert (path / "artifacts/timing/distill/ast/ipc1.json").is_file()
+    for gitignore, entries in (("artifacts", {"/prepare", "/init"}), ("artifacts/buffer", {"/ast", "/sgd"}),
+                               ("artifacts/distill/ast", {"/ipc1"})):
+        assert entries <= set((path / gitignore / ".gitignore").read_text().splitlines())
+
+
 def test_changing_a_distill_parameter_reruns_only_distill_evaluate_report(project, first_run) -> None:
     path, env = project
     params = yaml.safe_load((path / "params.yaml").read_text())

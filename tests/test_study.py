@@ -76,7 +76,7 @@ def test_sweep_scores_every_grid_point_on_validation_only(project) -> None:
     params = load_params("params.yaml", ["overlay.yaml", "sweep.yaml"])
     study.run(params, "sweep")
     table = pd.read_csv(path / "artifacts/report/tables/sweep_study.csv")
-    assert list(table.columns[:4]) == ["row", "iterations", "lr_img", "ipc"] and set(table["row"]) == {"mtt"}
+    assert list(table.columns[:4]) == ["row", "ipc", "iterations", "lr_img"] and set(table["row"]) == {"mtt"}
     assert len(table) == 2 * len(params.distill.ipcs) and (table["seeds"] == 2).all()
     cells = sorted((path / "artifacts/study/sweep/cells").glob("*.json"))
     assert len(cells) == 2 * 2 * len(params.distill.ipcs)

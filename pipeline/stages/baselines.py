@@ -16,6 +16,7 @@ from ast_core.models import batched_features
 from pipeline import tracking
 from pipeline.layout import BASELINES
 from pipeline.modelling import final_expert
+from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> None:
+    claim_outputs([], [BASELINES])
     device = resolve_device(params.device)
     ev = params.evaluate
     with tracking.stage_run("baselines", params.tracking.experiment, "baselines",

@@ -16,6 +16,7 @@ from ast_core.trajectory import list_buffer, read_metadata
 from pipeline import tracking
 from pipeline.distributed import train_experts_on_cluster
 from pipeline.layout import buffer_dir
+from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import class_balanced_subset, load_prepared, resolve_device
 from pipeline.schema import ParamsError, to_mapping
@@ -40,8 +41,19 @@ def data_signature(params: Params) -> dict:
             "seed": params.seed}
 
 
+def usable_expert(path: Path, config: dict, seed: int) -> bool:
+    """The expert file is readable and was trained with `config` and `seed` (else it is retrained)."""
+    try:
+        meta = read_metadata(path)
+    except ValueError as error:  # truncated or damaged (e.g. a killed copy): retrain it rather than stop
+        log.warning("%s (retraining it now)", error)  # the error names the file
+        return False
+    return meta.get("config") == config and meta.get("seed") == seed
+
+
 def drop_stale_experts(params: Params, variant: str, config: ExpertConfig) -> None:
-    """Keep finished experts of this exact data and configuration (resume); delete the rest."""
+    """Keep finished experts of this exact data and configuration (resume); delete the rest, and unreadable
+    ones."""
     folder = buffer_dir(variant)
     if not folder.is_dir():
         return
@@ -51,11 +63,8 @@ def drop_stale_experts(params: Params, variant: str, config: ExpertConfig) -> No
     for path in folder.glob("expert_*.safetensors"):
         index = int(path.name.split("_")[1].split(".")[0])
         keep = same_data and index < params.buffer.num_experts and ".mct" not in path.name  # MCT copies: convexify
-        if keep:
-            meta = read_metadata(path)
-            keep = meta.get("config") == wanted and meta.get("seed") == params.seed + index
-        if not keep:
-            log.info("removing %s (other settings or no longer needed)", path)
+        if not (keep and usable_expert(path, wanted, params.seed + index)):
+            log.info("removing %s (other settings, unreadable or no longer needed)", path)
             path.unlink()
 
 
@@ -64,6 +73,7 @@ def run(params: Params, variant: str) -> None:
         raise ParamsError(f"--variant: {variant!r} is not in buffer.train ({', '.join(params.buffer.train)})")
     config = expert_config(params, variant)
     folder = buffer_dir(variant)
+    claim_outputs([folder])
     logged = {"model": to_mapping(params.model), "buffer": {**to_mapping(params.buffer), "variants": None},
               "variant": params.buffer.variants[variant], "seed": params.seed, "data": params.data.dataset}
     with tracking.stage_run("buffer", params.tracking.experiment, f"buffer-{variant}", logged,

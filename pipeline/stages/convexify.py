@@ -14,6 +14,7 @@ from ast_core.io import atomic_write_json
 from ast_core.trajectory import convex_tag, convexify_buffer, list_buffer
 from pipeline import tracking
 from pipeline.layout import buffer_dir, convex_dir
+from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.schema import ParamsError
 from pipeline.stages.buffer import DTYPES
@@ -23,6 +24,7 @@ def run(params: Params, variant: str) -> None:
     if variant not in params.buffer.train:
         raise ParamsError(f"--variant: {variant!r} is not in buffer.train ({', '.join(params.buffer.train)})")
     source, out = buffer_dir(variant), convex_dir(variant)
+    claim_outputs([out])
     logged = {"variant": variant, "mct_anchors": list(params.buffer.mct_anchors), "mct_beta": params.buffer.mct_beta,
               "storage_dtype": params.buffer.storage_dtype}
     with tracking.stage_run("convexify", params.tracking.experiment, f"convexify-{variant}", logged,

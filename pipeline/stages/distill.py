@@ -5,7 +5,8 @@ images in distillation space, labels, alpha), ``grid.png`` (best set, pixels aft
 ``history.csv`` (per iteration), ``validation.csv`` (validation accuracy after k updates, k = 0 is the
 initial set; AST Fig. 6), ``result.json``. The resumable checkpoint lives in
 ``artifacts/checkpoints/`` (not a DVC output), so a killed run continues where it stopped; a finished cell
-removes it.
+removes it. Wall-clock times go to ``artifacts/timing/`` (not a DVC output either), so rerunning an unchanged
+cell by hand reproduces its outputs and DVC does not report them modified.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -27,8 +29,17 @@ from ast_core.models import FlatModel
 from ast_core.trajectory import convex_tag, load_buffer
 from ast_core.viz import save_image_grid
 from pipeline import tracking
-from pipeline.layout import buffer_dir, convex_dir, distill_checkpoint_dir, distill_dir, init_file
+from pipeline.checks import check_experts
+from pipeline.layout import (
+    buffer_dir,
+    convex_dir,
+    distill_checkpoint_dir,
+    distill_dir,
+    distill_timing_file,
+    init_file,
+)
 from pipeline.modelling import student
+from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
@@ -36,6 +47,7 @@ from pipeline.schema import to_mapping
 log = logging.getLogger(__name__)
 SERIES = ("loss", "matching_loss", "inner_loss", "inner_loss_balanced", "syn_lr", "start_epoch", "image_rms",
           "seconds")
+WALL_CLOCK = ("seconds",)  # history fields a rerun cannot reproduce: MLflow only, never a DVC output
 
 
 def discard_mismatched_checkpoint(config: DistillConfig, folder: Path) -> None:
@@ -61,17 +73,29 @@ def check_buffer_matches(trajectories: list, flat_model: FlatModel, folder: Path
                              "architecture or width; rerun the buffer stage")
 
 
+def cell_params(params: Params, method: str, ipc: int) -> dict[str, Any]:
+    """Every setting that produces one cell's distilled set (method switches and hyper values under
+    ``config.*``, buffer variant, ipc, ...): the params of its distill and evaluate runs in MLflow."""
+    chosen = params.distill.configs[method]
+    return {"method": method, "ipc": ipc, "buffer": chosen.buffer, "mct_anchors": chosen.mct_anchors,
+            "init": chosen.init, "config": dataclasses.asdict(params.distill_config(method, ipc)),
+            "model": to_mapping(params.model),
+            "eval": {"every": params.distill.eval_every, "models": params.distill.eval_models,
+                     "iterations": params.distill.eval_iterations}}
+
+
+def cell_tags(params: Params, method: str, ipc: int) -> dict[str, str]:
+    return {"method": method, "ipc": str(ipc), "distill_seed": str(params.distill_seed)}
+
+
 def run(params: Params, method: str, ipc: int) -> None:
     config = params.distill_config(method, ipc)
     chosen = params.distill.configs[method]
     device = resolve_device(params.device)
     out, checkpoints = distill_dir(method, ipc), distill_checkpoint_dir(method, ipc)
-    logged = {"method": method, "ipc": ipc, "buffer": chosen.buffer, "mct_anchors": chosen.mct_anchors,
-              "init": chosen.init, "config": dataclasses.asdict(config), "model": to_mapping(params.model),
-              "eval": {"every": params.distill.eval_every, "models": params.distill.eval_models,
-                       "iterations": params.distill.eval_iterations}}
-    with tracking.stage_run("distill", params.tracking.experiment, f"distill-{method}-ipc{ipc}", logged,
-                            {"method": method, "ipc": str(ipc), "distill_seed": str(params.distill_seed)}) as tracker:
+    claim_outputs([out], [checkpoints, distill_timing_file(method, ipc).parent])
+    with tracking.stage_run("distill", params.tracking.experiment, f"distill-{method}-ipc{ipc}",
+                            cell_params(params, method, ipc), cell_tags(params, method, ipc)) as tracker:
         prepared = load_prepared(params)
         data = prepared.data
         trajectories = [t.to(device) for t in load_trajectories(params, chosen.buffer, chosen.mct_anchors)]
@@ -86,7 +110,7 @@ def run(params: Params, method: str, ipc: int) -> None:
         atomic_write_with(out / "synthetic.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         save_image_grid(prepared.to_pixels(best_images), result.labels.cpu(), out / "grid.png",
                         data.info.num_classes)
-        atomic_write_csv(out / "history.csv", result.history)
+        atomic_write_csv(out / "history.csv", untimed(result.history))
         atomic_write_csv(out / "validation.csv", result.validation, columns=("iteration", "val_acc"))
         history = result.history
         distilled = bool(result.best.get("iteration"))
@@ -95,12 +119,14 @@ def run(params: Params, method: str, ipc: int) -> None:
                    "initial_val_acc": next((r["val_acc"] for r in result.validation if r["iteration"] == 0), None),
                    "syn_lr": best_lr, "final_syn_lr": result.syn_lr,
                    "iterations": config.iterations, "skipped_iterations": int(sum(r["skipped"] for r in history)),
-                   "seconds_per_iteration": sum(r["seconds"] for r in history) / len(history),
                    "init": chosen.init, "buffer": chosen.buffer, "mct_anchors": chosen.mct_anchors}
         atomic_write_json(out / "result.json", summary)
+        timing = {"seconds_per_iteration": sum(r["seconds"] for r in history) / len(history)}
+        atomic_write_json(distill_timing_file(method, ipc), timing)
         tracker.log_series(result.history, SERIES, "iteration")
         tracker.log_series(result.validation, ["val_acc"], "iteration")
-        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and k != "ipc"})
+        tracker.log_metrics({**{k: v for k, v in summary.items() if isinstance(v, int | float) and k != "ipc"},
+                             **timing})
         tracker.log_artifacts([out / "grid.png", out / "history.csv", out / "validation.csv", out / "result.json"])
         # DVC reruns a finished cell only when a dependency changed: resuming would hand back the old result
         (checkpoints / Distiller.CHECKPOINT_NAME).unlink(missing_ok=True)
@@ -110,6 +136,11 @@ def run(params: Params, method: str, ipc: int) -> None:
         else:
             log.warning("NOT distilled: %s ipc %d kept its initial set (validation %s at iteration 0 was never "
                         "beaten); result.json says distilled: false", method, ipc, summary["best_val_acc"])
+
+
+def untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """History rows without their wall-clock fields (`WALL_CLOCK`)."""
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in history]
 
 
 def validation_evaluator(params: Params, data: DatasetSplits, device: torch.device) -> Evaluator:
@@ -137,7 +168,9 @@ def distill_set(params: Params, config: DistillConfig, trajectories: list, init:
 
 
 def load_trajectories(params: Params, variant: str, mct_anchors: int | None) -> list:
-    """The variant's plain experts, or their `mct_anchors`-anchor convexified copies (convexify stage)."""
+    """The variant's plain experts, or their `mct_anchors`-anchor convexified copies (convexify stage); as many
+    as distill.num_experts asks for (`check_experts`)."""
+    check_experts(params, variant, mct_anchors)
     if mct_anchors is None:
         return load_buffer(buffer_dir(variant), None, params.distill.num_experts)
     return load_buffer(convex_dir(variant), convex_tag(mct_anchors, params.buffer.mct_beta), params.distill.num_experts)

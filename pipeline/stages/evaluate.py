@@ -7,6 +7,7 @@ here only, for the final report. Every architecture in `evaluate.archs` is train
 
 from __future__ import annotations
 
+import json
 import logging
 
 from safetensors.torch import load_file
@@ -15,9 +16,11 @@ from ast_core.evaluate import evaluate_synthetic
 from ast_core.io import atomic_write_json
 from pipeline import tracking
 from pipeline.layout import distill_dir, evaluate_dir
+from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
+from pipeline.stages.distill import cell_params, cell_tags
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +32,24 @@ def protocol_note(params: Params) -> str:
             f"SGD momentum 0.9, wd 5e-4, batch {ev.batch_size}, DSA; set chosen on the validation split")
 
 
+def comparison_metrics(params: Params, method: str, ipc: int, results: dict[str, dict]) -> dict[str, float | None]:
+    """The same names in every experiment: ``test_acc`` (the student architecture's, else the first evaluated)
+    and the distilled set's ``best_val_acc`` (from the distill stage's result.json)."""
+    arch = params.model.arch if params.model.arch in results else params.evaluate.archs[0]
+    summary = distill_dir(method, ipc) / "result.json"
+    val_acc = json.loads(summary.read_text()).get("best_val_acc") if summary.is_file() else None
+    return {"test_acc": results[arch]["mean"], "best_val_acc": val_acc}
+
+
 def run(params: Params, method: str, ipc: int) -> None:
     device = resolve_device(params.device)
     source = distill_dir(method, ipc) / "synthetic.safetensors"
     if not source.is_file():
         raise FileNotFoundError(f"{source} is missing: run `ast-dd distill --method {method} --ipc {ipc}` first")
+    claim_outputs([], [evaluate_dir(method, ipc)])
     with tracking.stage_run("evaluate", params.tracking.experiment, f"evaluate-{method}-ipc{ipc}",
-                            {"method": method, "ipc": ipc, "evaluate": to_mapping(params.evaluate),
-                             "model": to_mapping(params.model)},
-                            {"method": method, "ipc": str(ipc), "distill_seed": str(params.distill_seed)}) as tracker:
+                            {**cell_params(params, method, ipc), "evaluate": to_mapping(params.evaluate)},
+                            cell_tags(params, method, ipc)) as tracker:
         data = load_prepared(params).data
         synthetic = load_file(str(source))
         lr = float(synthetic["syn_lr"][0])
@@ -51,6 +63,7 @@ def run(params: Params, method: str, ipc: int) -> None:
             results[arch] = result.as_dict()
             tracker.log_metrics({f"test_acc_{arch}_mean": result.mean, f"test_acc_{arch}_std": result.std})
             log.info("%s ipc %d on %s: %.2f ± %.2f", method, ipc, arch, result.mean, result.std)
+        tracker.log_metrics(comparison_metrics(params, method, ipc, results))
         metrics = {"method": method, "ipc": ipc, "syn_lr": lr, "protocol": protocol_note(params), "results": results}
         atomic_write_json(evaluate_dir(method, ipc) / "metrics.json", metrics)
         tracker.log_artifacts([evaluate_dir(method, ipc) / "metrics.json"])

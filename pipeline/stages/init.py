@@ -15,6 +15,7 @@ from ast_core.viz import plot_scatter_2d
 from pipeline import tracking
 from pipeline.layout import INIT, init_file
 from pipeline.modelling import final_expert
+from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> None:
+    claim_outputs([INIT])
     device = resolve_device(params.device)
     with tracking.stage_run("init", params.tracking.experiment, "init",
                             {"init": to_mapping(params.init), "ipcs": list(params.distill.ipcs)}) as tracker:

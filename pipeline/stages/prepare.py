@@ -10,6 +10,7 @@ from ast_core.io import atomic_write_json
 from ast_core.viz import save_image_grid
 from pipeline import tracking
 from pipeline.layout import PREPARE
+from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import Prepared, fit_and_save_zca, load_raw
 from pipeline.schema import to_mapping
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> None:
+    claim_outputs([PREPARE])
     with tracking.stage_run("prepare", params.tracking.experiment, "prepare",
                             {"data": to_mapping(params.data), "seed": params.seed}) as tracker:
         data = load_raw(params, download=True)

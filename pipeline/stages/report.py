@@ -20,6 +20,7 @@ from ast_core.io import atomic_write_text, atomic_write_with
 from ast_core.viz import plot_curves
 from pipeline import tracking
 from pipeline.layout import BASELINES, BUFFER, DISTILL, EVALUATE, REPORT, distill_dir
+from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ def figures() -> list[Path]:
 
 
 def run(params: Params) -> None:
+    claim_outputs([], [TABLES, FIGURES, CURVES])
     with tracking.stage_run("report", params.tracking.experiment, "report", {"experiment": params.tracking.experiment}):
         results, note = results_frame({(m, ipc) for m in params.distill.methods for ipc in params.distill.ipcs})
         outputs = write_table(results.drop(columns=["mean", "std"], errors="ignore"), "results",
