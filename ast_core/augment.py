@@ -1,4 +1,4 @@
-"""Differentiable Siamese Augmentation (DSA), METHOD.md section 1.
+"""Differentiable Siamese Augmentation (DSA), docs/method.md section 1.
 
 Follows the semantics of the DSA/MTT reference (`DiffAugment` with `ParamDiffAug`, single-family mode "S"):
 each call picks ONE family of the strategy uniformly at random and applies it to the whole batch with

@@ -1,4 +1,4 @@
-"""Coreset baselines: random real subset, herding, k-center, k-means (METHOD.md section 5, "Baselines").
+"""Coreset baselines: random real subset, herding, k-center, k-means (docs/method.md section 5, "Baselines").
 
 Each selector picks `ipc` distinct real samples per class. `herding_indices`, `kcenter_indices` and
 `representative_indices` (k-means) work on the features of ONE class and return int64 positions into that

@@ -1,6 +1,6 @@
 """Dataset loading: decoded once into a uint8 cache, then split, normalised and returned as tensors.
 
-Every dataset ends up as float32 `N x C x H x W` tensors normalised with per-channel mean/std (METHOD.md
+Every dataset ends up as float32 `N x C x H x W` tensors normalised with per-channel mean/std (docs/method.md
 section 1; the fixed statistics follow the MTT reference code), or left as [0, 1] pixels (`normalize=False`,
 what the MTT/AST code feeds its ZCA), and int64 labels. A validation split is carved from the training set
 per class with an explicit seed, so splits are disjoint and repeatable.

@@ -1,4 +1,4 @@
-"""Trajectory matching distillation: MTT core with every AST module and MCT sampling (METHOD.md section 4).
+"""Trajectory matching distillation: MTT core with every AST module and MCT sampling (docs/method.md section 4).
 
 One iteration (AST Algorithm 2):
 1. sample an expert and a start epoch t: integer U{0..T+-1} (MTT) or real U(0, T+) (MCT, read off a
@@ -104,7 +104,7 @@ def perturb_layers(params: dict[str, Tensor], rho: float,
     theta + rho * theta ⊙ d / ||d|| with d ~ N(0, I) normalised over the whole layer.
 
     Its relative size per layer is about rho / sqrt(numel), 35-100x smaller than Eq. 23 at width 128
-    (METHOD.md section 8, item 4); every other tensor is returned unchanged.
+    (docs/method.md section 8, item 4); every other tensor is returned unchanged.
     """
     out = {}
     for name, theta in params.items():

@@ -1,4 +1,4 @@
-"""Train-on-synthetic evaluation protocol (METHOD.md section 5).
+"""Train-on-synthetic evaluation protocol (docs/method.md section 5).
 
 Fresh randomly initialised networks are trained on a (synthetic or coreset) image set with SGD (momentum
 0.9, weight decay 5e-4, batch 256 or the whole set if smaller, DSA on every batch) and scored on the test
@@ -148,7 +148,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> fl
 
 def _run(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits, *, arch: str,
          num_models: int, iterations: int, seed: int, protocol: str, batch_size: int,
-         dsa_strategy: str | None, device: str, width: int, eval_split: str, progress: bool) -> EvalResult:
+         dsa_strategy: str | None, device: str, width: int, eval_split: str, progress: bool | str) -> EvalResult:
     """Validate, then train and score `num_models` networks (seeds seed, seed+1, ...)."""
     lr_value = _validate(images, labels, lr, data, arch, num_models, iterations, batch_size, width,
                          eval_split)
@@ -159,10 +159,11 @@ def _run(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits
     eval_x, eval_y = (data.test_x, data.test_y) if eval_split == "test" else (data.val_x, data.val_y)
     seeds = [int(seed) + i for i in range(num_models)]
     accuracies = []
-    for s in tqdm(seeds, disable=not progress, desc=f"eval {arch}/{protocol}"):
+    label = progress if isinstance(progress, str) else f"eval {arch}/{protocol}"
+    for s in tqdm(seeds, disable=not progress, desc=label, unit="network"):
         model = _new_model(data, arch, width, s, dev)
         _train(model, x, y, lr_value, protocol, iterations, batch_size, dsa,
-               torch.Generator().manual_seed(s), progress)
+               torch.Generator().manual_seed(s), bool(progress))
         accuracies.append(accuracy(model, eval_x, eval_y, dev))
     return EvalResult(mean=float(np.mean(accuracies)), std=float(np.std(accuracies)), accuracies=accuracies,
                       seeds=seeds, protocol=protocol, arch=arch, iterations=iterations, eval_split=eval_split,
@@ -173,10 +174,11 @@ def evaluate_synthetic(images: Tensor, labels: Tensor, lr: float | Tensor, data:
                        arch: str = "convnet", num_models: int = 5, iterations: int = 1000, seed: int = 0,
                        protocol: str = "ast", batch_size: int = 256, dsa_strategy: str | None = None,
                        device: str = "cpu", width: int = 128, eval_split: str = "test",
-                       progress: bool = False) -> EvalResult:
-    """Score a synthetic set: train `num_models` fresh networks on it with lr = learned α (METHOD.md §5).
+                       progress: bool | str = False) -> EvalResult:
+    """Score a synthetic set: train `num_models` fresh networks on it with lr = learned α (docs/method.md section 5).
 
-    `dsa_strategy=None` uses `dsa_strategy_for(data.info.name)`; `"none"` disables augmentation.
+    `dsa_strategy=None` uses `dsa_strategy_for(data.info.name)`; `"none"` disables augmentation. `progress`:
+    show progress bars, labelled with it when it is a string.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
@@ -188,8 +190,8 @@ def evaluate_synthetic(images: Tensor, labels: Tensor, lr: float | Tensor, data:
 def train_on_real(data: DatasetSplits, arch: str = "convnet", epochs: int = 10, lr: float = 0.01,
                   num_models: int = 1, seed: int = 0, batch_size: int = 256, dsa_strategy: str | None = None,
                   device: str = "cpu", width: int = 128, eval_split: str = "test",
-                  progress: bool = False) -> EvalResult:
-    """Full-dataset upper bound (METHOD.md §5): `epochs` epochs on the whole train split, lr halved at half.
+                  progress: bool | str = False) -> EvalResult:
+    """Full-dataset upper bound (docs/method.md section 5): `epochs` epochs on the whole train split, lr halved at half.
 
     The result has protocol "real" and `iterations` = epochs.
     """

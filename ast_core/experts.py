@@ -1,4 +1,4 @@
-"""Expert training: MTT buffers and AST smooth experts (METHOD.md section 2, AST Algorithm 1, Eq. 19).
+"""Expert training: MTT buffers and AST smooth experts (docs/method.md section 2, AST Algorithm 1, Eq. 19).
 
 An expert is a network trained on the real data; its parameters at initialisation and after every
 epoch form the trajectory θ*_0 … θ*_K that distillation matches. AST's smooth experts use SGD with

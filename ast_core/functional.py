@@ -1,4 +1,4 @@
-"""One student step's gradient as a differentiable function of (parameters, images): METHOD.md section 4.
+"""One student step's gradient as a differentiable function of (parameters, images): docs/method.md section 4.
 
 Trajectory matching differentiates the student update theta_n = theta_{n-1} - alpha * g_n with
 g_n = grad_theta CE(f(theta_{n-1}, x_n)) through N steps (MTT Eq. 5, AST Eq. 20-22). Autograd does this by

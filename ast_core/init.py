@@ -1,4 +1,4 @@
-"""Initialisation of the synthetic set (AST section IV-C1, METHOD.md section 4).
+"""Initialisation of the synthetic set (AST section IV-C1, docs/method.md section 4).
 
 `representative`: per class, K-Means on an expert's features (before the final linear layer) and the real
 samples nearest the centroids (`ast_core.baselines.representative_indices`, with the paper's ipc >= 50

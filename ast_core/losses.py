@@ -1,10 +1,10 @@
-"""Expert-training loss terms of AST (METHOD.md section 2, AST Eq. 19).
+"""Expert-training loss terms of AST (docs/method.md section 2, AST Eq. 19).
 
 L_SC = λ_e · CE + μ · E_x[(‖∇_x W(x)‖₂ − K)²]
 
 `clipped_ce_scale` gives λ_e (the clipped cross-entropy weight), `input_gradient_norms` the quantity the
 penalty constrains and `gradient_penalty` the penalty itself; `ast_core.experts` combines them. Each has the
-paper's form and the authors' code form (METHOD.md section 8, items 2-3) as a named setting.
+paper's form and the authors' code form (docs/method.md section 8, items 2-3) as a named setting.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def input_gradient_norms(model: Callable[[Tensor], Tensor], x: Tensor, norm: str
                          create_graph: bool = False) -> Tensor:
     """‖∇_x Σ_c f(x)_c‖₂, the input sensitivity the penalty of Eq. 19 constrains.
 
-    norm="sample": one L2 norm per sample over C, H, W (shape N; WGAN-GP, METHOD.md [D]). norm="pixel": the
+    norm="sample": one L2 norm per sample over C, H, W (shape N; WGAN-GP, docs/method.md section 2.2). norm="pixel": the
     authors' code, one L2 norm per pixel over the channels (shape N x H x W). `x` is treated as a constant
     input; with `create_graph` the norms back-propagate into the model's parameters.
     """

@@ -1,4 +1,4 @@
-"""Networks for distillation and cross-architecture evaluation (METHOD.md sections 1 and 8).
+"""Networks for distillation and cross-architecture evaluation (docs/method.md sections 1 and 8).
 
 `convnet` is the ConvNet-D of the MTT/AST reference code: D blocks of Conv3x3 -> instance norm (GroupNorm
 with one group per channel, affine) -> ReLU -> AvgPool2x2, then one linear classifier. `resnet18`, `vgg11`

@@ -38,7 +38,7 @@ IMAGENET_SUBSETS: dict[str, list[str]] = {
 DATASETS: tuple[str, ...] = (
     "fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "tiny_imagenet", *IMAGENET_SUBSETS, "digits",
 )
-# Datasets whose digits must not be mirrored (METHOD.md section 1: drop `flip` for MNIST/SVHN).
+# Datasets whose digits must not be mirrored (docs/method.md section 1: drop `flip` for MNIST/SVHN).
 DIGIT_DATASETS: frozenset[str] = frozenset({"mnist", "svhn", "digits"})
 
 # MTT/AST forms first, then torchvision's batch-norm versions (options).
@@ -185,12 +185,12 @@ class ExpertConfig:
     clipped CE 0.5 -> 1 over 5 epochs, two-sided GP with K = 1, μ = 1). The MTT baseline is
     ``ExpertConfig(optimizer="sgd", lr_decay_epoch=None, clip_ce=False, grad_penalty=False)``.
 
-    The authors' code variant [C] (METHOD.md section 8) is ``clip_schedule="code"`` (λ = 0.5, 0.55, …, 0.95),
+    The authors' code variant [C] (docs/method.md section 8) is ``clip_schedule="code"`` (λ = 0.5, 0.55, …, 0.95),
     ``lr=0.003``, ``lr_decay_factor=0.6``, ``lr_decay_rebuild=True`` (momentum reset at the lr step),
     ``weight_decay=1e-3``, ``gp_norm="pixel"``, ``gp_weight=2``; ``gp_sided="one_sided"`` is the paper's
     text ("below K") rather than its two-sided formula.
     `dsa_strategy` None picks `dsa_strategy_for(dataset)`; "none" turns augmentation off. `zca` only
-    records that the caller whitened the data (METHOD.md section 1).
+    records that the caller whitened the data (docs/method.md section 1).
     """
 
     arch: str = "convnet"

@@ -1,4 +1,4 @@
-"""TESLA: the trajectory-matching gradient with memory constant in N (Cui et al., ICML 2023; METHOD.md section 4).
+"""TESLA: the trajectory-matching gradient with memory constant in N (Cui et al., ICML 2023; docs/method.md section 4).
 
 The unrolled student (MTT) is theta_N = theta_0 - alpha sum_i g_i with g_i = nu grad_theta CE(theta_{i-1}; X_i)
 and the loss (MTT Eq. 5) is L = ||theta_N - theta*||^2 / D with D = ||theta*_t - theta*_{t+M}||^2. Write

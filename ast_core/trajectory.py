@@ -1,4 +1,4 @@
-"""Expert trajectories: storage, Avg_Var and MCT convexified trajectories (METHOD.md sections 2 and 3).
+"""Expert trajectories: storage, Avg_Var and MCT convexified trajectories (docs/method.md sections 2 and 3).
 
 On-disk format (safetensors only, no pickle)
 --------------------------------------------
@@ -194,7 +194,7 @@ class PlainTrajectory:
 
 
 class ConvexTrajectory:
-    """MCT convexified trajectory (METHOD.md section 3): θ̂(t) = (1 − β(t))·θ_a + β(t)·θ_b per layer.
+    """MCT convexified trajectory (docs/method.md section 3): θ̂(t) = (1 − β(t))·θ_a + β(t)·θ_b per layer.
 
     Between consecutive anchors a < b, β_l(t) rises from 0 to 1, taken from the `beta` table (see the
     module docstring) and interpolated linearly for fractional t.
@@ -234,7 +234,7 @@ class ConvexTrajectory:
     def from_checkpoints(cls, checkpoints: TrajectoryLike, layer_sizes: Sequence[int] | None = None,
                          num_anchors: int = 2, beta: str = "arclength", smooth_anchors: bool | None = None,
                          metadata: Mapping[str, Any] | None = None) -> ConvexTrajectory:
-        """Convexify an expert (METHOD.md section 3).
+        """Convexify an expert (docs/method.md section 3).
 
         Anchors: `anchor_epochs(K, num_anchors)`. With `smooth_anchors` (default: on when num_anchors > 2,
         as in the authors' buffer script [C]) every interior anchor a is replaced by (θ_{a−1} + θ_{a+1})/2

@@ -1,4 +1,4 @@
-"""ZCA whitening (METHOD.md section 1), as in the MTT reference (kornia `ZCAWhitening`, eps=0.1).
+"""ZCA whitening (docs/method.md section 1), as in the MTT reference (kornia `ZCAWhitening`, eps=0.1).
 
 Fit on the training set: flatten to N x D, centre by the mean, unbiased covariance C = Xc^T Xc / (N - 1)
 (accumulated in float64 over chunks, so 50,000 x 3072 CIFAR fits in modest memory), eigendecomposition
@@ -6,7 +6,7 @@ C = U diag(S) U^T (`torch.linalg.eigh`), whitening W = U diag(1/sqrt(S + eps)) U
 W^-1 = U diag(sqrt(S + eps)) U^T. transform(x) = (x - mean) W; inverse(y) = y W^-1 + mean.
 With eps > 0 the whitened covariance is U diag(S / (S + eps)) U^T (regularised, not exactly identity).
 The MTT/AST code fits it on [0, 1] pixels; on data divided by a std s the eigenvalues S shrink by s^2, so the
-same eps regularises 1/s^2 times less (8-25x for the usual image statistics, METHOD.md section 8).
+same eps regularises 1/s^2 times less (8-25x for the usual image statistics, docs/method.md section 8).
 """
 
 from __future__ import annotations

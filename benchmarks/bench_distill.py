@@ -1,4 +1,4 @@
-"""Seconds and peak memory of one distillation iteration (METHOD.md section 4), one setting per process.
+"""Seconds and peak memory of one distillation iteration (docs/method.md section 4), one setting per process.
 
 Methods: `reference` (the MTT-style unroll of `benchmarks/reference_step.py`), `ours` (`Distiller`,
 `gradient="unroll"`: hand-written ConvNet step + freed-memory reuse), `ours-no-reuse` (the same without

@@ -1,4 +1,4 @@
-"""Throughput of the train-on-synthetic evaluation (METHOD.md section 5) for ConvNet on FMNIST-shaped data.
+"""Throughput of the train-on-synthetic evaluation (docs/method.md section 5) for ConvNet on FMNIST-shaped data.
 
 For ipc 1/10/50 (10 classes, 1 x 28 x 28 random images) it times `evaluate_synthetic` with one network at
 `--iterations` + 1 and at 1 iteration (after one warm-up call); the difference removes model construction

@@ -1,4 +1,4 @@
-"""Expert-training throughput (METHOD.md section 2): images/s of an epoch with and without AST's gradient penalty.
+"""Expert-training throughput (docs/method.md section 2): images/s of an epoch with and without AST's gradient penalty.
 
 Times `ast_core.experts.train_epoch` (DSA + forward + backward + step, AST Algorithm 1) on a random subset of
 the training split for three loss settings side by side: cross-entropy alone (MTT experts), CE + gradient

@@ -1,4 +1,4 @@
-"""Bytes on disk and load time of one expert trajectory (METHOD.md sections 2-3): plain vs MCT vs fp16.
+"""Bytes on disk and load time of one expert trajectory (docs/method.md sections 2-3): plain vs MCT vs fp16.
 
 One synthetic 51-checkpoint ConvNet-3 trajectory (random walk with shrinking steps, FlatModel order) is saved
 with `ast_core.trajectory`: plain float32 (MTT), plain float16, MCT convexified with 2 and 4 anchors

@@ -1,5 +1,5 @@
 """Reference trajectory-matching step, written the straightforward way of the original MTT code (Cazenavette et
-al., CVPR 2022; METHOD.md section 4): the baseline that `ast_core.distill` is timed and checked against.
+al., CVPR 2022; docs/method.md section 4): the baseline that `ast_core.distill` is timed and checked against.
 
 A `ReparamModule` sets the module's parameters to views of the flat student vector before every forward; the
 N student steps keep one autograd graph each (`torch.autograd.grad(ce, params[-1], create_graph=True)`), DSA

@@ -11,9 +11,7 @@ import json
 import logging
 import subprocess
 
-from pipeline import tracking
 from pipeline.params import Params, check_seeds
-from pipeline.runner import dvc_command, ensure_params_file, run_dvc
 from pipeline.schema import ParamsError
 
 log = logging.getLogger(__name__)
@@ -51,6 +49,9 @@ def experiment_name(group: str, seed: int | None) -> str:
 def run_ablations(params: Params, params_path: str, groups: list[str] | None = None,
                   extra: list[str] | None = None, seeds: list[int] | None = None) -> None:
     """One DVC experiment per group (and per distillation seed when `seeds` is given), then the report."""
+    from pipeline import tracking  # MLflow loads here, not when `ast-dd` builds its parser from GROUPS
+    from pipeline.runner import dvc_command, ensure_params_file, run_dvc
+
     ensure_params_file(params_path)
     chosen = groups or list(GROUPS)
     unknown = [g for g in chosen if g not in GROUPS]

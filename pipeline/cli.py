@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from pipeline.ablation import GROUPS
 from pipeline.params import Params, load_params
 from pipeline.preflight import preflight
 from pipeline.schema import ParamsError, UsageError
@@ -150,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "study":
             cmd.add_argument("kind", choices=("buffers", "modules", "sweep"), help="which study")
         if name == "ablate":
-            cmd.add_argument("--group", action="append", help="ablation group (repeatable; default: all)")
+            cmd.add_argument("--group", action="append", choices=list(GROUPS),
+                             help="ablation group (repeatable; default: all)")
             cmd.add_argument("--set", action="append", help="extra override key=value for every experiment")
             cmd.add_argument("--seeds", type=int, nargs="+",
                              help="repeat each group for these distillation seeds (distill.seed); the report "
@@ -158,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in entry_points(group=PLUGIN_GROUP):
         entry.load()(sub)
     return parser
+
+
+def silence_stdout() -> None:
+    """Send what is left of the output nowhere: its reader has gone (`ast-dd params | head`)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "params":
             preflight(params.tracking.experiment)
         args.handler(args, params)
+        sys.stdout.flush()
+    except BrokenPipeError:  # no traceback for a reader that stopped reading
+        silence_stdout()
+        return 1
     except UsageError as error:
         log.error("%s", error)
         return USAGE_ERROR

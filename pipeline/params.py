@@ -57,7 +57,7 @@ class DataParams:
     zca: bool = False
     zca_eps: float = 0.1
     # What ZCA is fitted on: raw = [0, 1] pixels with no mean/std normalisation (the MTT/AST code); normalized =
-    # after mean/std, where the same eps regularises 1/std^2 (8-25x) less (METHOD.md section 8, item 7).
+    # after mean/std, where the same eps regularises 1/std^2 (8-25x) less (docs/method.md section 8, item 7).
     zca_fit: Literal["raw", "normalized"] = "raw"
 
     def __post_init__(self) -> None:
@@ -148,7 +148,7 @@ class InitParams:
 
 @dataclass(frozen=True)
 class Hyper:
-    """Distillation hyperparameters that may differ per ipc (METHOD.md section 7)."""
+    """Distillation hyperparameters that may differ per ipc (docs/method.md section 7)."""
 
     iterations: int = 1000
     syn_steps: int = 20

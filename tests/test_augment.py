@@ -1,4 +1,4 @@
-"""Tests for ast_core.augment (DSA, METHOD.md section 1): each family checked separately."""
+"""Tests for ast_core.augment (DSA, docs/method.md section 1): each family checked separately."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for ast_core.baselines (coreset baselines, METHOD.md section 5) against hand-computed picks."""
+"""Tests for ast_core.baselines (coreset baselines, docs/method.md section 5) against hand-computed picks."""
 
 from __future__ import annotations
 

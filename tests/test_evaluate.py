@@ -1,4 +1,4 @@
-"""Tests for ast_core.evaluate (train-on-synthetic protocol, METHOD.md section 5) on sklearn digits."""
+"""Tests for ast_core.evaluate (train-on-synthetic protocol, docs/method.md section 5) on sklearn digits."""
 
 from __future__ import annotations
 

@@ -136,7 +136,7 @@ def tiny_run(prefect_api, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     """The tiny profile through `ast_pipeline` with an override; the `gpu` limit lets 3 stages train at once."""
     from flows.pipeline_flow import ast_pipeline
 
-    project = scratch_project(tmp_path_factory.mktemp("tiny"), {}, ("ast_core", "pipeline", "dvc.yaml"))
+    project = scratch_project(tmp_path_factory.mktemp("tiny"), {}, ("ast_core", "pipeline", "bin", "dvc.yaml"))
     set_gpu_limit(3)
     state = ast_pipeline(overrides={"evaluate.baselines": ["random", "kmeans"]}, project_dir=str(project),
                          return_state=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ def ran_stages(output: str) -> set[str]:
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A scratch copy of the project on the tiny profile, with its own git, DVC and MLflow store."""
     path = tmp_path_factory.mktemp("project")
-    for item in ("ast_core", "pipeline", "dvc.yaml"):
+    for item in ("ast_core", "pipeline", "bin", "dvc.yaml"):
         source = ROOT / item
         (shutil.copytree if source.is_dir() else shutil.copy)(source, path / item)
     shutil.copy(ROOT / "profiles" / "tiny.yaml", path / "params.yaml")
@@ -40,7 +41,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
            "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("AST_DD_PARENT_RUN_ID", None)
-    (path / ".gitignore").write_text("__pycache__/\n/cache/\nmlflow.db\n/mlartifacts/\n")
+    (path / ".gitignore").write_text("__pycache__/\n/cache/\nmlflow.db\n/mlartifacts/\n/.venv\n")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
         sh(cmd, path, env)
@@ -64,11 +65,33 @@ def test_repro_runs_every_stage_and_writes_artifacts(project, first_run) -> None
     for relative in ("artifacts/distill/ast/ipc1/grid.png", "artifacts/evaluate/ast/ipc1/metrics.json",
                      "artifacts/init/ipc1_pca.png", "artifacts/buffer/ast/step_sq_norm.png",
                      "artifacts/buffer/ast/grad_norm.png", "artifacts/convex/sgd/expert_000.mct2.safetensors",
-                     "artifacts/report/tables/results.md",
+                     "artifacts/report/tables/results.md", "artifacts/evaluate/ast/ipc1/results.json",
+                     "artifacts/baselines/results.json", "artifacts/report/grids/ast-ipc1-best.png",
+                     "artifacts/report/grids/ast-ipc1-final.png",
                      "artifacts/report/figures/accuracy_vs_iteration.png"):
         assert (path / relative).is_file(), relative
     results = (path / "artifacts/report/tables/results.md").read_text()
     assert "random (real subset)" in results and "±" in results
+
+
+def flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested metrics as DVC shows them: ``a.b.c`` -> value."""
+    items: dict[str, object] = {}
+    for key, value in tree.items():
+        items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return items
+
+
+def test_every_compared_number_is_its_own_scalar_metric(project, first_run) -> None:
+    path, env = project
+    files = json.loads(sh(["dvc", "metrics", "show", "--json"], path, env))[""]["data"]
+    columns = [key for metrics in files.values() for key in flat(metrics["data"])]
+    values = [value for metrics in files.values() for value in flat(metrics["data"]).values()]
+    assert len(columns) == len(set(columns)), "a key in two files gets a path prefix in `dvc exp show`"
+    assert all(isinstance(value, int | float) and not isinstance(value, bool) for value in values)
+    cells = {f"{name}_ipc1.convnet.{stat}" for name in ("ast", "mtt", "random", "kmeans", "herding", "kcenter")
+             for stat in ("mean", "std")}
+    assert cells | {"ast_ipc1.syn_lr", "full_data.convnet.mean"} <= set(columns)
 
 
 def test_second_repro_does_nothing(project, first_run) -> None:
@@ -143,3 +166,15 @@ def test_dvc_experiment_lands_in_mlflow_with_its_name(project, first_run) -> Non
     assert {"distill", "evaluate", "report"} <= set(runs["tags.stage"])
     assert set(runs[runs["tags.stage"] == "distill"]["tags.distill_seed"]) == {"3"}
     assert "tiny-exp" in sh(["dvc", "exp", "show", "--no-pager", "--csv"], path, env)
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="the tests do not run in a virtualenv")
+def test_dvc_experiment_runs_with_the_project_venv_off_path(project, first_run) -> None:
+    """`.venv/bin/dvc exp run` as the README shows it, with the virtualenv not activated."""
+    path, env = project
+    (path / ".venv").symlink_to(sys.prefix)
+    bare = {**env, "PATH": os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != BIN)}
+    output = sh([str(BIN / "dvc"), "exp", "run", "-n", "no-venv", "-S", "distill.hyper.lr_img=300"], path, bare)
+    assert {"distill@ast-1", "evaluate@ast-1"} <= ran_stages(output)
+    header = sh([str(BIN / "dvc"), "exp", "show", "--no-pager", "--csv"], path, bare).splitlines()[0].split(",")
+    assert {"ast_ipc1.convnet.mean", "random_ipc1.convnet.mean", "full_data.convnet.mean"} <= set(header)

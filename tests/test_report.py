@@ -55,9 +55,9 @@ def test_results_table_keeps_the_current_matrix_and_says_whether_each_cell_disti
     monkeypatch.chdir(tmp_path)
     for method, ipc, kept in (("mtt_rep", 1, 10), ("mtt_rep", 10, 0), ("ast", 10, 40)):
         result = {"mean": 70.0, "std": 1.0, "accuracies": [69.0, 71.0]}
-        metrics = {"method": method, "ipc": ipc, "syn_lr": 0.02, "protocol": "p", "results": {"convnet": result}}
+        details = {"method": method, "ipc": ipc, "syn_lr": 0.02, "protocol": "p", "results": {"convnet": result}}
         (tmp_path / f"artifacts/evaluate/{method}/ipc{ipc}").mkdir(parents=True)
-        (tmp_path / f"artifacts/evaluate/{method}/ipc{ipc}/metrics.json").write_text(json.dumps(metrics))
+        (tmp_path / f"artifacts/evaluate/{method}/ipc{ipc}/results.json").write_text(json.dumps(details))
         (tmp_path / f"artifacts/distill/{method}/ipc{ipc}").mkdir(parents=True)
         (tmp_path / f"artifacts/distill/{method}/ipc{ipc}/result.json").write_text(json.dumps({"best_iteration": kept}))
     frame, _ = report.results_frame({("mtt_rep", 1), ("mtt_rep", 10)})

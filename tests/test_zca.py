@@ -1,4 +1,4 @@
-"""Tests for ast_core.zca (ZCA whitening, METHOD.md section 1) against an independent numpy computation."""
+"""Tests for ast_core.zca (ZCA whitening, docs/method.md section 1) against an independent numpy computation."""
 
 from __future__ import annotations
 

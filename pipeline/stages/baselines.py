@@ -2,17 +2,20 @@
 
 Same evaluation protocol as the distilled sets, with lr = the lr of the experts the features come from
 (`buffer.variants.<init.buffer>.lr`: real images are trained like the experts were), features from the init
-stage's expert (`init.buffer`, `init.expert_index`).
+stage's expert (`init.buffer`, `init.expert_index`). ``metrics.json`` holds one scalar key per subset and
+architecture (``<subset>_ipc<k>.<arch>.mean``, ``full_data.<arch>.mean``) for `dvc exp show` and
+`dvc metrics diff`; ``results.json`` holds the details for the report.
 """
 
 from __future__ import annotations
 
 import logging
 
+from tqdm.auto import tqdm
+
 from ast_core.baselines import select_coreset
 from ast_core.evaluate import evaluate_synthetic, train_on_real
 from ast_core.io import atomic_write_json
-from ast_core.models import batched_features
 from pipeline import tracking
 from pipeline.layout import BASELINES
 from pipeline.modelling import final_expert
@@ -20,43 +23,47 @@ from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
-from pipeline.stages.evaluate import protocol_note
+from pipeline.stages.evaluate import metric_key, protocol_note, scores
+from pipeline.stages.init import expert_features
 
 log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> None:
-    claim_outputs([], [BASELINES])
+    claim_outputs([BASELINES / "results.json"], [BASELINES])
     device = resolve_device(params.device)
-    ev = params.evaluate
+    ev, arch = params.evaluate, params.model.arch
     with tracking.stage_run("baselines", params.tracking.experiment, "baselines",
                             {"evaluate": to_mapping(ev), "ipcs": list(params.distill.ipcs),
                              "model": to_mapping(params.model)}) as tracker:
         data = load_prepared(params).data
         expert = final_expert(params, data.info, params.init.buffer, params.init.expert_index, device)
-        features = batched_features(lambda x: expert.embed(x.to(device)).cpu(), data.train_x)
+        features = expert_features(expert, data.train_x, device, "baselines: expert features")
         lr = params.buffer.variant(params.init.buffer).lr
-        rows = []
-        for ipc in params.distill.ipcs:
-            for method in ev.baselines:
-                index = select_coreset(method, data.train_x, data.train_y, data.info.num_classes, ipc,
-                                       features=features, seed=params.seed)
-                result = evaluate_synthetic(data.train_x[index], data.train_y[index], lr, data,
-                                            arch=params.model.arch,
-                                            num_models=ev.num_models, iterations=ev.iterations, seed=params.seed,
-                                            protocol=ev.protocol, batch_size=ev.batch_size, device=str(device),
-                                            width=params.model.width, progress=True)
-                rows.append({"method": method, "ipc": ipc, **result.as_dict()})
-                tracker.log_metrics({f"{method}_ipc{ipc}_mean": result.mean, f"{method}_ipc{ipc}_std": result.std})
-                log.info("baseline %s ipc %d: %.2f ± %.2f", method, ipc, result.mean, result.std)
+        rows, scalars = [], {}
+        subsets = tqdm([(method, ipc) for ipc in params.distill.ipcs for method in ev.baselines],
+                       desc="baselines", unit="subset")
+        for method, ipc in subsets:
+            subsets.set_postfix_str(f"{method} ipc{ipc}")
+            index = select_coreset(method, data.train_x, data.train_y, data.info.num_classes, ipc,
+                                   features=features, seed=params.seed)
+            result = evaluate_synthetic(data.train_x[index], data.train_y[index], lr, data, arch=arch,
+                                        num_models=ev.num_models, iterations=ev.iterations, seed=params.seed,
+                                        protocol=ev.protocol, batch_size=ev.batch_size, device=str(device),
+                                        width=params.model.width, progress=f"baseline {method} ipc{ipc}")
+            rows.append({"method": method, "ipc": ipc, **result.as_dict()})
+            scalars[metric_key(method, ipc)] = {arch: scores(result)}
+            tracker.log_metrics({f"{method}_ipc{ipc}_mean": result.mean, f"{method}_ipc{ipc}_std": result.std})
+            log.info("baseline %s ipc %d: %.2f ± %.2f", method, ipc, result.mean, result.std)
         full = None
         if ev.full_data_epochs:
-            result = train_on_real(data, arch=params.model.arch, epochs=ev.full_data_epochs,
+            result = train_on_real(data, arch=arch, epochs=ev.full_data_epochs,
                                    lr=lr, num_models=1, seed=params.seed,
                                    batch_size=ev.batch_size, device=str(device), width=params.model.width,
-                                   progress=True)
-            full = result.as_dict()
+                                   progress="full training split")
+            full, scalars["full_data"] = result.as_dict(), {arch: scores(result)}
             tracker.log_metrics({"full_data_mean": result.mean})
-        atomic_write_json(BASELINES / "metrics.json", {"protocol": protocol_note(params), "coresets": rows,
+        atomic_write_json(BASELINES / "results.json", {"protocol": protocol_note(params), "coresets": rows,
                                                        "full_data": full})
-        tracker.log_artifacts([BASELINES / "metrics.json"])
+        atomic_write_json(BASELINES / "metrics.json", scalars)
+        tracker.log_artifacts([BASELINES / "results.json", BASELINES / "metrics.json"])

@@ -1,4 +1,4 @@
-"""Stage `convexify`: MCT's convexified copies of one variant's experts (METHOD.md section 3).
+"""Stage `convexify`: MCT's convexified copies of one variant's experts (docs/method.md section 3).
 
 Its own stage so that changing `buffer.mct_anchors` or `buffer.mct_beta` re-convexifies the stored experts in
 seconds instead of retraining them, and `dvc exp` ablations over anchors reuse the trained experts. Writes

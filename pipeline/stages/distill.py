@@ -2,6 +2,7 @@
 
 Outputs (``artifacts/distill/<method>/ipc<k>/``): ``synthetic.safetensors`` (best-by-validation and final
 images in distillation space, labels, alpha), ``grid.png`` (best set, pixels after inverse ZCA),
+``final_grid.png`` (the set after the last iteration),
 ``history.csv`` (per iteration), ``validation.csv`` (validation accuracy after k updates, k = 0 is the
 initial set; AST Fig. 6), ``result.json``. The resumable checkpoint lives in
 ``artifacts/checkpoints/`` (not a DVC output), so a killed run continues where it stopped; a finished cell
@@ -108,8 +109,8 @@ def run(params: Params, method: str, ipc: int) -> None:
                    "labels": result.labels.cpu().contiguous(), "syn_lr": torch.tensor([best_lr]),
                    "final_syn_lr": torch.tensor([result.syn_lr])}
         atomic_write_with(out / "synthetic.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-        save_image_grid(prepared.to_pixels(best_images), result.labels.cpu(), out / "grid.png",
-                        data.info.num_classes)
+        for name, images in (("grid.png", best_images), ("final_grid.png", result.images)):
+            save_image_grid(prepared.to_pixels(images), result.labels.cpu(), out / name, data.info.num_classes)
         atomic_write_csv(out / "history.csv", untimed(result.history))
         atomic_write_csv(out / "validation.csv", result.validation, columns=("iteration", "val_acc"))
         history = result.history
@@ -127,7 +128,8 @@ def run(params: Params, method: str, ipc: int) -> None:
         tracker.log_series(result.validation, ["val_acc"], "iteration")
         tracker.log_metrics({**{k: v for k, v in summary.items() if isinstance(v, int | float) and k != "ipc"},
                              **timing})
-        tracker.log_artifacts([out / "grid.png", out / "history.csv", out / "validation.csv", out / "result.json"])
+        tracker.log_artifacts([out / name for name in ("grid.png", "final_grid.png", "history.csv", "validation.csv",
+                                                       "result.json")])
         # DVC reruns a finished cell only when a dependency changed: resuming would hand back the old result
         (checkpoints / Distiller.CHECKPOINT_NAME).unlink(missing_ok=True)
         if distilled:

@@ -1,8 +1,10 @@
-"""Stage `evaluate`: test accuracy of one distilled set (mean ± std over fresh networks, METHOD.md section 5).
+"""Stage `evaluate`: test accuracy of one distilled set (mean ± std over fresh networks, docs/method.md section 5).
 
 The set evaluated is the one selected on the validation split during distillation; the test split is used
 here only, for the final report. Every architecture in `evaluate.archs` is trained on the same set
-(cross-architecture transfer, AST Table IV).
+(cross-architecture transfer, AST Table IV). ``metrics.json`` holds only the numbers to compare, under keys
+unique across the pipeline (``<method>_ipc<k>.<arch>.mean``), so `dvc exp show` and `dvc metrics diff` list
+them as plain columns; ``results.json`` holds the details (each network's accuracy, the protocol) for the report.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 
 from safetensors.torch import load_file
 
-from ast_core.evaluate import evaluate_synthetic
+from ast_core.evaluate import EvalResult, evaluate_synthetic
 from ast_core.io import atomic_write_json
 from pipeline import tracking
 from pipeline.layout import distill_dir, evaluate_dir
@@ -41,29 +43,42 @@ def comparison_metrics(params: Params, method: str, ipc: int, results: dict[str,
     return {"test_acc": results[arch]["mean"], "best_val_acc": val_acc}
 
 
+def metric_key(name: str, ipc: int) -> str:
+    """The metrics key of a set: ``<method or subset>_ipc<k>``."""
+    return f"{name}_ipc{ipc}"
+
+
+def scores(result: EvalResult) -> dict[str, float]:
+    """Test accuracy of one evaluation as DVC metrics (scalars only)."""
+    return {"mean": result.mean, "std": result.std}
+
+
 def run(params: Params, method: str, ipc: int) -> None:
     device = resolve_device(params.device)
     source = distill_dir(method, ipc) / "synthetic.safetensors"
     if not source.is_file():
         raise FileNotFoundError(f"{source} is missing: run `ast-dd distill --method {method} --ipc {ipc}` first")
-    claim_outputs([], [evaluate_dir(method, ipc)])
+    claim_outputs([evaluate_dir(method, ipc) / "results.json"], [evaluate_dir(method, ipc)])
     with tracking.stage_run("evaluate", params.tracking.experiment, f"evaluate-{method}-ipc{ipc}",
                             {**cell_params(params, method, ipc), "evaluate": to_mapping(params.evaluate)},
                             cell_tags(params, method, ipc)) as tracker:
         data = load_prepared(params).data
         synthetic = load_file(str(source))
         lr = float(synthetic["syn_lr"][0])
-        results = {}
+        results, scalars = {}, {}
         for arch in params.evaluate.archs:
             result = evaluate_synthetic(synthetic["images"], synthetic["labels"], lr, data, arch=arch,
                                         num_models=params.evaluate.num_models, iterations=params.evaluate.iterations,
                                         seed=params.seed, protocol=params.evaluate.protocol,
                                         batch_size=params.evaluate.batch_size, device=str(device),
-                                        width=params.model.width, eval_split="test", progress=True)
-            results[arch] = result.as_dict()
+                                        width=params.model.width, eval_split="test",
+                                        progress=f"evaluate {method} ipc{ipc} on {arch}")
+            results[arch], scalars[arch] = result.as_dict(), scores(result)
             tracker.log_metrics({f"test_acc_{arch}_mean": result.mean, f"test_acc_{arch}_std": result.std})
             log.info("%s ipc %d on %s: %.2f ± %.2f", method, ipc, arch, result.mean, result.std)
         tracker.log_metrics(comparison_metrics(params, method, ipc, results))
-        metrics = {"method": method, "ipc": ipc, "syn_lr": lr, "protocol": protocol_note(params), "results": results}
-        atomic_write_json(evaluate_dir(method, ipc) / "metrics.json", metrics)
-        tracker.log_artifacts([evaluate_dir(method, ipc) / "metrics.json"])
+        details = {"method": method, "ipc": ipc, "syn_lr": lr, "protocol": protocol_note(params), "results": results}
+        out = evaluate_dir(method, ipc)
+        atomic_write_json(out / "results.json", details)
+        atomic_write_json(out / "metrics.json", {metric_key(method, ipc): {**scalars, "syn_lr": lr}})
+        tracker.log_artifacts([out / "results.json", out / "metrics.json"])

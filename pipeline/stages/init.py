@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 from sklearn.decomposition import PCA
+from torch import nn
+from tqdm.auto import tqdm
 
 from ast_core.init import initial_synthetic_set
 from ast_core.io import atomic_write_json
@@ -21,6 +23,7 @@ from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
 
 log = logging.getLogger(__name__)
+FEATURE_CHUNK = 4096  # images per progress-bar update
 
 
 def run(params: Params) -> None:
@@ -30,9 +33,11 @@ def run(params: Params) -> None:
                             {"init": to_mapping(params.init), "ipcs": list(params.distill.ipcs)}) as tracker:
         data = load_prepared(params).data
         expert = final_expert(params, data.info, params.init.buffer, params.init.expert_index, device)
-        features = batched_features(lambda x: expert.embed(x.to(device)).cpu(), data.train_x)
+        features = expert_features(expert, data.train_x, device, "init: expert features")
         outputs = []
-        for ipc in params.distill.ipcs:
+        ipcs = tqdm(params.distill.ipcs, desc="init: k-means per ipc", unit="ipc")
+        for ipc in ipcs:
+            ipcs.set_postfix_str(f"ipc {ipc}")
             args = (data.train_x, data.train_y, data.info.num_classes, ipc)
             chosen = initial_synthetic_set("representative", *args, seed=params.seed, features=features)
             random = initial_synthetic_set("real", *args, seed=params.seed)
@@ -46,6 +51,16 @@ def run(params: Params) -> None:
             outputs += [init_file(ipc), picture]
         tracker.log_artifacts(outputs)
         log.info("representative initialisation written for ipc %s", list(params.distill.ipcs))
+
+
+def expert_features(expert: nn.Module, images: torch.Tensor, device: torch.device, label: str) -> torch.Tensor:
+    """The expert's features (`embed`) of every image, computed in chunks under a labelled progress bar."""
+    parts = []
+    with tqdm(total=len(images), desc=label, unit="image", unit_scale=True) as bar:
+        for chunk in images.split(FEATURE_CHUNK):
+            parts.append(batched_features(lambda x: expert.embed(x.to(device)).cpu(), chunk))
+            bar.update(len(chunk))
+    return torch.cat(parts)
 
 
 def pca_picture(features: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor, random: torch.Tensor,

@@ -5,12 +5,14 @@
 - ``experiments.{csv,md}``: every DVC experiment recorded in MLflow (latest run per experiment, method,
   ipc), the ablation comparison.
 - ``figures/``: accuracy vs iteration (AST Fig. 6), alpha, inner loss with/without balancing, Avg_Var per epoch.
+- ``grids/``: each cell's best (kept on validation) and final distilled images, for `dvc plots show`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 FIGURES = REPORT / "figures"
 TABLES = REPORT / "tables"
 CURVES = REPORT / "curves"
+GRIDS = REPORT / "grids"
+GRID_FILES = {"best": "grid.png", "final": "final_grid.png"}
 
 
 def pm(mean: float, std: float) -> str:
@@ -46,18 +50,18 @@ def results_frame(cells: set[tuple[str, int]] | None = None) -> tuple[pd.DataFra
     """Distilled cells (only the (method, ipc) pairs in `cells` when given: outputs of cells since removed from
     the matrix are left out), then the real-subset baselines and full-data training."""
     rows, note = [], ""
-    for path in sorted(EVALUATE.glob("*/ipc*/metrics.json")):
-        metrics = json.loads(path.read_text())
-        if cells is not None and (metrics["method"], metrics["ipc"]) not in cells:
+    for path in sorted(EVALUATE.glob("*/ipc*/results.json")):
+        details = json.loads(path.read_text())
+        if cells is not None and (details["method"], details["ipc"]) not in cells:
             continue
-        note = metrics["protocol"]
-        selected = _selected_iteration(metrics["method"], metrics["ipc"])
-        for arch, result in metrics["results"].items():
-            rows.append({"method": metrics["method"], "ipc": metrics["ipc"], "arch": arch,
+        note = details["protocol"]
+        selected = _selected_iteration(details["method"], details["ipc"])
+        for arch, result in details["results"].items():
+            rows.append({"method": details["method"], "ipc": details["ipc"], "arch": arch,
                          "test_acc": pm(result["mean"], result["std"]), "mean": result["mean"], "std": result["std"],
-                         "models": len(result["accuracies"]), "lr": metrics["syn_lr"], "selected_iteration": selected,
+                         "models": len(result["accuracies"]), "lr": details["syn_lr"], "selected_iteration": selected,
                          "distilled": "" if selected is None else ("yes" if selected else "NO: initial set kept")})
-    baseline_file = BASELINES / "metrics.json"
+    baseline_file = BASELINES / "results.json"
     if baseline_file.is_file():
         baselines = json.loads(baseline_file.read_text())
         note = note or baselines["protocol"]
@@ -190,10 +194,24 @@ def figures() -> list[Path]:
     return out
 
 
+def grids(cells: set[tuple[str, int]]) -> list[Path]:
+    """The best and final image grids of the current matrix's cells, as ``grids/<method>-ipc<k>-<kind>.png``."""
+    shutil.rmtree(GRIDS, ignore_errors=True)
+    GRIDS.mkdir(parents=True)
+    out = []
+    for method, ipc in sorted(cells):
+        for kind, name in GRID_FILES.items():
+            source = distill_dir(method, ipc) / name
+            if source.is_file():
+                out.append(Path(shutil.copyfile(source, GRIDS / f"{method}-ipc{ipc}-{kind}.png")))
+    return out
+
+
 def run(params: Params) -> None:
-    claim_outputs([], [TABLES, FIGURES, CURVES])
+    claim_outputs([], [TABLES, FIGURES, CURVES, GRIDS])
     with tracking.stage_run("report", params.tracking.experiment, "report", {"experiment": params.tracking.experiment}):
-        results, note = results_frame({(m, ipc) for m in params.distill.methods for ipc in params.distill.ipcs})
+        cells = {(m, ipc) for m in params.distill.methods for ipc in params.distill.ipcs}
+        results, note = results_frame(cells)
         outputs = write_table(results.drop(columns=["mean", "std"], errors="ignore"), "results",
                               f"Results on {params.data.dataset}", note)
         outputs += write_table(buffers_frame(), "buffers", "Expert buffers (AST Table VII layout)",
@@ -206,6 +224,6 @@ def run(params: Params) -> None:
         outputs += write_table(seeds_frame(experiments), "seeds", "Ablations over distillation seeds",
                                "Experiments `<name>-s<seed>` from `ast-dd ablate --seeds`: mean ± std over seeds of "
                                "each seed's mean ConvNet test accuracy (networks per seed in `networks`).")
-        outputs += figures()
+        outputs += figures() + grids(cells)
         mlflow.log_artifacts(str(REPORT), "report")
         log.info("report written to %s (%d files)", REPORT, len(outputs))
