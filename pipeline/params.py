@@ -185,10 +185,6 @@ class MethodParams:
     gradient: str = "unroll"
     hyper: dict[str, int | float] = field(default_factory=dict)   # this row's own distill.hyper values
 
-    def __post_init__(self) -> None:
-        if self.init not in INIT_METHODS:
-            raise ParamsError(f"init: {self.init!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
-
 
 METHOD_KEYS = tuple(f.name for f in dataclasses.fields(MethodParams))
 
@@ -218,6 +214,9 @@ class DistillParams:
                                   f"(defined: {', '.join(self.configs)})")
         for name, row in self.configs.items():
             _check_name(f"distill.configs.{name}", name)
+            if row.init not in INIT_METHODS:
+                raise ParamsError(f"distill.configs.{name}.init: {row.init!r} is unknown; allowed: "
+                                  f"{', '.join(INIT_METHODS)}")
             for key in row.hyper:
                 if key not in HYPER_KEYS:
                     raise ParamsError(f"distill.configs.{name}.hyper.{key}: not a distill.hyper key; allowed: "

@@ -77,7 +77,7 @@ BAD = [
     ("distill.hyper.max_start_epoch", 30, "distill.hyper.max_start_epoch"),
     ("distill.hyper.batch_syn", 0, "batch_syn"),
     ("distill.configs.ast.sampling", "random", "distill.configs.ast"),
-    ("distill.configs.ast.init", "kmeans", "init"),
+    ("distill.configs.ast.init", "kmeans", "distill.configs.ast.init: 'kmeans' is unknown"),
     ("distill.configs.ast.perturb_rho", -1.0, "perturb_rho"),
     ("distill.configs.ast.perturb_rho", float("nan"), "distill.configs.ast.perturb_rho: nan must be a finite number"),
     ("distill.configs.ast.perturb_form", "layer", "perturb_form='layer' is not supported; allowed: paper, code"),
