@@ -164,6 +164,13 @@ class Hyper:
 HYPER_KEYS = tuple(f.name for f in dataclasses.fields(Hyper))
 
 
+def check_hyper_keys(section: str, keys: Any) -> None:
+    """Every key of a mapping that overrides distill.hyper values (a row's `hyper`, the sweep's grid) is one."""
+    for key in keys:
+        if key not in HYPER_KEYS:
+            raise ParamsError(f"{section}.{key}: not a distill.hyper key; allowed: {', '.join(HYPER_KEYS)}")
+
+
 @dataclass(frozen=True)
 class MethodParams:
     """One distillation method = one ablation row: buffer, trajectory form and AST switches."""
@@ -217,10 +224,7 @@ class DistillParams:
             if row.init not in INIT_METHODS:
                 raise ParamsError(f"distill.configs.{name}.init: {row.init!r} is unknown; allowed: "
                                   f"{', '.join(INIT_METHODS)}")
-            for key in row.hyper:
-                if key not in HYPER_KEYS:
-                    raise ParamsError(f"distill.configs.{name}.hyper.{key}: not a distill.hyper key; allowed: "
-                                      f"{', '.join(HYPER_KEYS)}")
+            check_hyper_keys(f"distill.configs.{name}.hyper", row.hyper)
         for key in self.per_ipc:
             if not key.isdigit():
                 raise ParamsError(f"distill.per_ipc.{key}: keys are ipc values such as '10'")
@@ -273,9 +277,8 @@ class StudyParams:
 
     def __post_init__(self) -> None:
         check_seeds("study.seeds", self.seeds)
+        check_hyper_keys("study.grid", self.grid)
         for key, values in self.grid.items():
-            if key not in HYPER_KEYS:
-                raise ParamsError(f"study.grid.{key}: not a distill.hyper key; allowed: {', '.join(HYPER_KEYS)}")
             if not values:
                 raise ParamsError(f"study.grid.{key}: list at least one value")
 

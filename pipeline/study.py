@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from ast_core.data import DatasetSplits
-from ast_core.distill import DistillConfig, DistillResult
+from ast_core.distill import DistillConfig, Distiller, DistillResult
 from ast_core.evaluate import evaluate_synthetic
 from ast_core.experts import epoch_curve, grad_norm_curve, train_experts
 from ast_core.init import SyntheticInit, initial_synthetic_set
@@ -60,6 +60,10 @@ FIGURES = REPORT / "figures"
 
 def _cell(kind: str, name: str) -> Path:
     return STUDY / kind / "cells" / f"{name}.json"
+
+
+def _checkpoints(kind: str, name: str) -> Path:
+    return CHECKPOINTS / "study" / kind / name
 
 
 def _read(kind: str, name: str) -> dict[str, Any] | None:
@@ -176,7 +180,7 @@ def distil(params: Params, kind: str, name: str, row: MethodParams, config: Dist
     if row.mct_anchors is not None:
         folder, tag = folder / "convex", convex_tag(row.mct_anchors, params.buffer.mct_beta)
     trajectories = [t.to(device) for t in load_buffer(folder, tag, params.distill.num_experts)]
-    return distill_set(params, config, trajectories, init, data, device, CHECKPOINTS / "study" / kind / name, folder)
+    return distill_set(params, config, trajectories, init, data, device, _checkpoints(kind, name), folder)
 
 
 def _selection(result: DistillResult) -> dict[str, Any]:
@@ -187,7 +191,7 @@ def _selection(result: DistillResult) -> dict[str, Any]:
 def _finish(kind: str, name: str, cell: dict[str, Any]) -> None:
     """Write the cell, then drop its resume checkpoint (a rerun must not resume a finished cell)."""
     atomic_write_json(_cell(kind, name), cell)
-    (CHECKPOINTS / "study" / kind / name / "distill_checkpoint.pt").unlink(missing_ok=True)
+    (_checkpoints(kind, name) / Distiller.CHECKPOINT_NAME).unlink(missing_ok=True)
 
 
 def distil_cell(params: Params, kind: str, name: str, row: MethodParams, config: DistillConfig,
