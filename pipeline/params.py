@@ -164,11 +164,13 @@ class Hyper:
 HYPER_KEYS = tuple(f.name for f in dataclasses.fields(Hyper))
 
 
-def check_hyper_keys(section: str, keys: Any) -> None:
-    """Every key of a mapping that overrides distill.hyper values (a row's `hyper`, the sweep's grid) is one."""
+def check_hyper_keys(section: str, keys: Any, also: tuple[str, ...] = ()) -> None:
+    """Every key of a mapping that overrides distill.hyper values (a row's `hyper`, the sweep's grid) is one
+    (or one of `also`)."""
+    allowed = (*HYPER_KEYS, *also)
     for key in keys:
-        if key not in HYPER_KEYS:
-            raise ParamsError(f"{section}.{key}: not a distill.hyper key; allowed: {', '.join(HYPER_KEYS)}")
+        if key not in allowed:
+            raise ParamsError(f"{section}.{key}: not a distill.hyper key; allowed: {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -273,19 +275,29 @@ class StudyParams:
     method: str | None = None          # buffers and sweep studies: the distill.configs row they distil
     rows: list[str] = field(default_factory=list)   # modules study: distill.configs rows, each on its own buffer
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    grid: dict[str, list[int | float]] = field(default_factory=dict)   # sweep: distill.hyper key -> values
+    grid: dict[str, list[int | float]] = field(default_factory=dict)   # sweep: distill.hyper keys or num_experts
+                                                                       # (first n experts) -> values
 
     def __post_init__(self) -> None:
         check_seeds("study.seeds", self.seeds)
-        check_hyper_keys("study.grid", self.grid)
+        check_hyper_keys("study.grid", self.grid, also=("num_experts",))
         for key, values in self.grid.items():
             if not values:
                 raise ParamsError(f"study.grid.{key}: list at least one value")
+        for count in self.grid.get("num_experts", []):
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ParamsError(f"study.grid.num_experts: {count!r} must be a positive integer")
 
     def grid_points(self) -> list[dict[str, int | float]]:
         """Every combination of the grid's values (the cartesian product, in the order written)."""
         keys = list(self.grid)
         return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
+
+    @staticmethod
+    def split_point(point: dict[str, int | float]) -> tuple[dict[str, int | float], int | None]:
+        """A grid point as (distill.hyper changes, number of experts or None for distill.num_experts)."""
+        hyper = {key: value for key, value in point.items() if key != "num_experts"}
+        return hyper, point.get("num_experts")
 
 
 @dataclass(frozen=True)
@@ -318,9 +330,11 @@ class Params:
                               f"({', '.join(self.buffer.train)})")
         if not 0 <= self.init.expert_index < self.buffer.num_experts:
             raise ParamsError(f"init.expert_index: {self.init.expert_index} must be in [0, buffer.num_experts)")
-        if self.distill.num_experts is not None and self.distill.num_experts > self.buffer.num_experts:
-            raise ParamsError(f"distill.num_experts: {self.distill.num_experts} is more than the "
-                              f"buffer.num_experts ({self.buffer.num_experts}) a buffer holds")
+        for key, count in [("distill.num_experts", self.distill.num_experts),
+                           *(("study.grid.num_experts", n) for n in self.study.grid.get("num_experts", []))]:
+            if count is not None and count > self.buffer.num_experts:
+                raise ParamsError(f"{key}: {count} is more than the buffer.num_experts ({self.buffer.num_experts}) "
+                                  "a buffer holds")
         for name in self.distill.methods:
             self.check_runnable(name, self.distill.configs[name])
         for name in self.distill.configs:  # every row, run now or by an experiment or study later

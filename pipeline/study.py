@@ -100,10 +100,11 @@ def check(params: Params, kind: str) -> None:
         raise ParamsError(f"study.rows: list the distill.configs rows to compare ({defined})")
     elif kind == "sweep":
         if not study.grid:
-            raise ParamsError("study.grid: map distill.hyper keys to the values to try, e.g. {lr_img: [30, 100]}")
+            raise ParamsError("study.grid: map distill.hyper keys (or num_experts) to the values to try, e.g. "
+                              "{lr_img: [30, 100]}")
         for point in study.grid_points():
             for ipc in params.distill.ipcs:
-                params.distill_config(study.method, ipc, point)
+                params.distill_config(study.method, ipc, study.split_point(point)[0])
     for name, row in rows_of(params, kind).items():  # every configs row x ipc is validated when params load
         params.check_runnable(name, row)
 
@@ -172,14 +173,15 @@ def run(params: Params, kind: str) -> pd.DataFrame:
 
 
 def distil(params: Params, kind: str, name: str, row: MethodParams, config: DistillConfig, init: SyntheticInit,
-           data: DatasetSplits, device: torch.device) -> DistillResult:
-    """One distillation, resumable through its checkpoint (removed once the cell is written)."""
+           data: DatasetSplits, device: torch.device, num_experts: int | None = None) -> DistillResult:
+    """One distillation, resumable through its checkpoint (removed once the cell is written); `num_experts`
+    replaces distill.num_experts (a sweep point)."""
     log.info("study %s: distilling %s", kind, name)
     folder = EXPERTS / row.buffer
     tag = None
     if row.mct_anchors is not None:
         folder, tag = folder / "convex", convex_tag(row.mct_anchors, params.buffer.mct_beta)
-    trajectories = [t.to(device) for t in load_buffer(folder, tag, params.distill.num_experts)]
+    trajectories = [t.to(device) for t in load_buffer(folder, tag, num_experts or params.distill.num_experts)]
     return distill_set(params, config, trajectories, init, data, device, _checkpoints(kind, name), folder)
 
 
@@ -218,8 +220,9 @@ def run_sweep(params: Params, row: MethodParams, features: torch.Tensor | None, 
                 if _read("sweep", name) is None:
                     init = initial_synthetic_set(row.init, data.train_x, data.train_y, data.info.num_classes, ipc,
                                                  seed=seed, features=features)
-                    config = dataclasses.replace(params.distill_config(method, ipc, point), seed=seed)
-                    result = distil(params, "sweep", name, row, config, init, data, device)
+                    hyper, num_experts = params.study.split_point(point)
+                    config = dataclasses.replace(params.distill_config(method, ipc, hyper), seed=seed)
+                    result = distil(params, "sweep", name, row, config, init, data, device, num_experts)
                     _finish("sweep", name, {"point": point, "ipc": ipc, "seed": seed, "row": method,
                                             "config": dataclasses.asdict(config), **_selection(result)})
                     sweep_report(params)

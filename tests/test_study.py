@@ -86,9 +86,26 @@ def test_sweep_scores_every_grid_point_on_validation_only(project) -> None:
     assert (path / "artifacts/report/figures/sweep_study.png").is_file()
 
 
+def test_sweep_num_experts_limits_the_trajectories_matched(project, monkeypatch) -> None:
+    path, params = project
+    (path / "sweep.yaml").write_text(yaml.safe_dump({"buffer": {"num_experts": 2},
+                                                     "study": {"seeds": [0], "grid": {"iterations": [1],
+                                                                                      "num_experts": [1, 2]}}}))
+    params = load_params("params.yaml", ["overlay.yaml", "sweep.yaml"])
+    loaded = []
+    real_load = study.load_buffer
+    monkeypatch.setattr(study, "load_buffer", lambda *args: loaded.append(len(real_load(*args))) or real_load(*args))
+    study.run(params, "sweep")
+    assert loaded == [1, 2] * len(params.distill.ipcs)
+    table = pd.read_csv(path / "artifacts/report/tables/sweep_study.csv")
+    assert sorted(table["num_experts"].dropna()) == sorted([1, 2] * len(params.distill.ipcs))
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"study": {"grid": {"lr_image": [1.0]}}}, "study.grid.lr_image: not a distill.hyper key"),
     ({"study": {"grid": {"lr_img": []}}}, "study.grid.lr_img: list at least one value"),
+    ({"study": {"grid": {"num_experts": [0]}}}, "study.grid.num_experts: 0 must be a positive integer"),
+    ({"study": {"grid": {"num_experts": [99]}}}, "study.grid.num_experts: 99 is more than the buffer.num_experts"),
 ])
 def test_bad_sweep_grid_is_rejected_when_params_load(tmp_path: Path, change: dict, message: str) -> None:
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(change))
