@@ -1,173 +1,65 @@
-"""Trajectory matching distillation: MTT core with every AST module and MCT sampling (docs/method.md section 4).
+"""Distillation runs: AST Algorithm 2's outer loop with model selection on validation (docs/method.md section 4).
 
-One iteration (AST Algorithm 2):
-1. sample an expert and a start epoch t: integer U{0..T+-1} (MTT) or real U(0, T+) (MCT, read off a
-   convexified or linearly-read trajectory);
-2. optionally perturb the starting expert filter-wise (Eq. 23);
-3. unroll N student steps on the synthetic set with DSA, loss CE (Eq. 21) or balanced nu * CE (Eq. 20),
-   keeping the graph so the final loss reaches the images and the learnable lr alpha (`gradient="unroll"`;
-   each step's gradient comes from `ast_core.functional.step_gradient`, a hand-written second-order ConvNet
-   step with the same math as autograd's double backward), or with memory constant in N
-   (`gradient="tesla"`, `ast_core.tesla`);
-4. final matching loss (Eq. 5) plus optional intermediate matching losses (Eq. 22);
-5. SGD(momentum 0.5) steps on images and alpha.
-
-Every AST module and the MCT sampling is an independent switch in `DistillConfig`, so each ablation row is
-one configuration. Runs checkpoint atomically and resume bit-exactly on CPU.
+`Distiller` repeats `ast_core.matching.MatchingEngine.step` (one matching iteration on the synthetic set) for
+`config.iterations` iterations, keeps the best set by validation accuracy (`BestSet`), stops diverged or
+persistently non-finite runs with a clear error, and checkpoints atomically (`ast_core.checkpoint`) so a killed
+run resumes bit-exactly on the CPU.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ast_core.augment import DSA
-from ast_core.functional import reuse_freed_cpu_memory, step_gradient
-from ast_core.io import atomic_path
+from ast_core.checkpoint import DistillCheckpoint
+from ast_core.matching import DivergenceError, MatchingEngine, Trajectory
 from ast_core.models import FlatModel
-from ast_core.settings import DistillConfig, check_balance
-from ast_core.tesla import tesla_gradients
+from ast_core.settings import DistillConfig
 
 log = logging.getLogger(__name__)
 
+MAX_SYN_LR_GROWTH = 1000.0  # alpha past this multiple of lr_teacher (or non-finite) is a diverged run
 
-class Trajectory(Protocol):
-    """What distillation needs of an expert trajectory: flat parameters at a (real) epoch."""
-
-    @property
-    def num_epochs(self) -> int: ...
-
-    def at(self, t: float) -> Tensor: ...
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Formulas
-# ---------------------------------------------------------------------------------------------------------
-
-def balance_factor(start: float, max_start: float, vartheta: float = 8.0, log_base: float = math.e,
-                   middle: str = "half") -> float:
-    """nu of the balanced inner-loop loss (Eq. 20), middle m = max_start / 2 ("half", the paper) or
-    floor(max_start / 2) ("floor", the authors' code, which also uses log_base 5).
-
-    nu = log(|t - m| + vartheta) for t >= m, else 1 / log(|m - t| + vartheta): late (flat) segments get a
-    larger inner loss, early (steep) segments a smaller one.
-    """
-    check_balance(vartheta, log_base, middle)
-    middle = max_start / 2 if middle == "half" else math.floor(max_start / 2)
-    value = math.log(abs(start - middle) + vartheta, log_base)
-    return value if start >= middle else 1.0 / value
-
-
-def intermediate_steps(syn_steps: int, expert_epochs: int) -> list[int]:
-    """Student steps at which intermediate losses are taken (Eq. 22): floor(k N / M) for k = 1..M-1."""
-    return [k * syn_steps // expert_epochs for k in range(1, expert_epochs)]
-
-
-def intermediate_weight(k: int, expert_epochs: int, scheme: str) -> float:
-    """beta_k of Eq. 22: 1 ("equal", the paper's best) or k / M ("varied")."""
-    return 1.0 if scheme == "equal" else k / expert_epochs
-
-
-def perturb_filters(params: dict[str, Tensor], rho: float,
-                    generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Filter-normalised weight perturbation (Eq. 23).
-
-    Every tensor with >= 2 dims gets, per slice j of its first dimension, rho * d_j * ||theta_j|| / ||d_j||
-    added, with d_j ~ N(0, I); biases and norm parameters (1-D) are returned unchanged.
-    """
-    out = {}
-    for name, theta in params.items():
-        if theta.dim() < 2:
-            out[name] = theta
-            continue
-        direction = torch.randn(theta.shape, generator=generator, dtype=theta.dtype).to(theta.device)
-        dims = tuple(range(1, theta.dim()))
-        norm = torch.linalg.vector_norm
-        scale = norm(theta, dim=dims, keepdim=True) / norm(direction, dim=dims, keepdim=True).clamp_min(1e-12)
-        out[name] = theta + rho * direction * scale
-    return out
-
-
-def perturb_layers(params: dict[str, Tensor], rho: float,
-                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """The authors' code form of the weight perturbation: conv weights only (4-D tensors),
-    theta + rho * theta ⊙ d / ||d|| with d ~ N(0, I) normalised over the whole layer.
-
-    Its relative size per layer is about rho / sqrt(numel), 35-100x smaller than Eq. 23 at width 128
-    (docs/method.md section 8, item 4); every other tensor is returned unchanged.
-    """
-    out = {}
-    for name, theta in params.items():
-        if theta.dim() != 4:
-            out[name] = theta
-            continue
-        direction = torch.randn(theta.shape, generator=generator, dtype=theta.dtype).to(theta.device)
-        out[name] = theta + rho * theta * direction / torch.linalg.vector_norm(direction).clamp_min(1e-12)
-    return out
-
-
-PERTURBATIONS = {"paper": perturb_filters, "code": perturb_layers}
-
-
-def matching_loss(student: Tensor, target: Tensor, start: Tensor) -> Tensor:
-    """Normalised parameter distance (Eq. 5): ||student - target||^2 / ||start - target||^2."""
-    return (student - target).pow(2).sum() / (start - target).pow(2).sum()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Engine
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass
-class DistillResult:
-    images: Tensor
-    labels: Tensor
-    syn_lr: float
-    history: list[dict[str, float]]
-    best: dict[str, object] = field(default_factory=dict)  # best-by-validation images/lr/iteration/accuracy
-    validation: list[dict[str, float]] = field(default_factory=list)  # {"iteration": updates done, "val_acc"}
-
-
-def changed_settings(saved: dict[str, object], config: DistillConfig) -> list[str]:
-    """Settings in which a checkpoint's config differs from `config` (the iteration count may grow on resume)."""
-    current = asdict(config)
-    return sorted(k for k in current if k != "iterations" and saved.get(k) != current[k])
+Evaluator = Callable[[Tensor, Tensor, float], float]
 
 
 class NonFiniteError(RuntimeError):
     """Raised when non-finite losses or gradients keep occurring and the run cannot make progress."""
 
 
-MAX_SYN_LR_GROWTH = 1000.0  # alpha past this multiple of lr_teacher (or non-finite) is a diverged run
+@dataclass(frozen=True)
+class BestSet:
+    """The synthetic set kept by validation accuracy (model selection, never test): the one after `iteration`
+    updates (0 is the starting set), with its `images` (on the CPU) and alpha `syn_lr`."""
+
+    iteration: int
+    val_acc: float
+    images: Tensor
+    syn_lr: float
+
+    @property
+    def distilled(self) -> bool:
+        """Whether an update beat the starting set (else distillation kept the initial images)."""
+        return self.iteration > 0
 
 
-class DivergenceError(RuntimeError):
-    """The run has diverged: the images' RMS grew past `max_image_growth` times its start, alpha (syn_lr) past
-    `MAX_SYN_LR_GROWTH` (1000) times `lr_teacher` or became non-finite, or a learning rate (lr_img, lr_lr,
-    lr_teacher) is too large for the images' float type, so that alpha or every update would overflow."""
+@dataclass
+class DistillResult:
+    """The final set and alpha, the per-iteration history, and the best set by validation (None without an
+    evaluator) with the validation curve ({"iteration": updates done, "val_acc"} per evaluation)."""
 
-
-Evaluator = Callable[[Tensor, Tensor, float], float]
-
-
-def check_representable(config: DistillConfig, dtype: torch.dtype) -> None:
-    """lr_img, lr_lr and lr_teacher must fit the images' float type: larger, alpha or every update overflows."""
-    largest = torch.finfo(dtype).max
-    for key in ("lr_img", "lr_lr", "lr_teacher"):
-        value = getattr(config, key)
-        if value > largest:
-            raise DivergenceError(f"{key}={value:g} is larger than the largest {dtype} ({largest:.3g}) and would "
-                                  f"overflow; lower {key}")
+    images: Tensor
+    labels: Tensor
+    syn_lr: float
+    history: list[dict[str, float]]
+    best: BestSet | None = None
+    validation: list[dict[str, float]] = field(default_factory=list)
 
 
 class Distiller:
@@ -177,166 +69,29 @@ class Distiller:
     `evaluator(images, labels, lr) -> validation accuracy` is called on the initial set, every `eval_every`
     iterations and at the end, to keep the best synthetic set (model selection on validation, never on test;
     the initial set is a candidate too, so distillation can never be reported better than it really is).
-    With `eval_every=0` only the final set is evaluated.
+    With `eval_every=0` only the final set is evaluated. With `checkpoint_dir` the run is saved there every
+    `checkpoint_every` iterations and at the end, and `run` resumes from it.
     """
-
-    CHECKPOINT_NAME = "distill_checkpoint.pt"
 
     def __init__(self, config: DistillConfig, trajectories: Sequence[Trajectory], flat_model: FlatModel,
                  init_images: Tensor, labels: Tensor, device: str | torch.device = "cpu",
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100,
                  evaluator: Evaluator | None = None, eval_every: int = 0) -> None:
-        if len(trajectories) == 0:
-            raise ValueError("trajectories is empty: train experts first (buffer stage)")
-        shortest = min(traj.num_epochs for traj in trajectories)
-        needed = config.max_start_epoch + config.expert_epochs - (1 if config.sampling == "discrete" else 0)
-        if needed > shortest:
-            raise ValueError(f"max_start_epoch + expert_epochs = {needed} exceeds the stored trajectory "
-                             f"({shortest} epochs)")
-        if init_images.shape[0] != labels.shape[0]:
-            raise ValueError(f"init_images ({init_images.shape[0]}) and labels ({labels.shape[0]}) differ")
-        if not torch.isfinite(init_images).all():
-            raise ValueError("init_images contains non-finite values")
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1")
-        check_representable(config, init_images.dtype)
         self.config = config
-        self.trajectories = trajectories
-        self.flat_model = flat_model
-        self.device = torch.device(device)
-        self.labels = labels.to(self.device)
-        self.images = init_images.detach().clone().to(self.device).requires_grad_(True)
-        self.syn_lr = torch.tensor(config.lr_teacher, device=self.device, requires_grad=True)
-        self.opt_img = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.img_momentum)
-        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.lr_momentum)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.dsa = DSA(config.dsa_strategy)
-        self.step_gradient = step_gradient(flat_model)
-        if self.device.type == "cpu":
-            reuse_freed_cpu_memory()
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.engine = MatchingEngine(config, trajectories, flat_model, init_images, labels, device)
+        self.checkpoint = DistillCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.evaluator = evaluator
         self.eval_every = eval_every
         self.iteration = 0
         self.history: list[dict[str, float]] = []
-        self.best: dict[str, object] = {}
+        self.best: BestSet | None = None
         self.validation: list[dict[str, float]] = []
         self.nonfinite_streak = 0
-        self.initial_rms = float(self._image_rms())
+        self.initial_rms = self.engine.image_rms()
 
-    def _image_rms(self) -> Tensor:
-        return self.images.detach().pow(2).mean().sqrt()
-
-    # -- sampling ------------------------------------------------------------------------------------------
-    def _sample_segment(self) -> tuple[int, float]:
-        cfg = self.config
-        expert = int(torch.randint(len(self.trajectories), (1,), generator=self.generator))
-        if cfg.sampling == "discrete":
-            start = float(torch.randint(int(cfg.max_start_epoch), (1,), generator=self.generator))
-        else:
-            start = float(torch.rand((), generator=self.generator, dtype=torch.float64)) * cfg.max_start_epoch
-        return expert, start
-
-    def _batches(self) -> list[Tensor]:
-        """Index batches for N student steps, reshuffling the set whenever it is used up (as MTT)."""
-        size = len(self.labels)
-        batch = self.config.batch_syn or size
-        batches: list[Tensor] = []
-        while len(batches) < self.config.syn_steps:
-            perm = torch.randperm(size, generator=self.generator).to(self.device)
-            batches.extend(perm.split(batch))
-        return batches[: self.config.syn_steps]
-
-    # -- one iteration ---------------------------------------------------------------------------------------
-    def _unroll_loss(self, start_params: Tensor, targets: dict[int, Tensor], expert_start: Tensor,
-                     nu: float) -> tuple[Tensor, dict[str, float]]:
-        """Unroll N student steps and return the total matching loss (Eq. 5 + Eq. 22) and statistics."""
-        cfg = self.config
-        checkpoints = {step: k for k, step in enumerate(intermediate_steps(cfg.syn_steps, cfg.expert_epochs), 1)}
-        params = start_params
-        velocity = torch.zeros_like(params) if cfg.student_momentum else None
-        total = torch.zeros((), device=self.device)
-        inner_losses = []
-        for step, batch in enumerate(self._batches(), 1):
-            x = self.dsa(self.images[batch], generator=self.generator)
-            grad, ce = self.step_gradient(params, x, self.labels[batch])
-            inner_losses.append(float(ce))
-            grad = nu * grad
-            if velocity is not None:
-                velocity = cfg.student_momentum * velocity + grad
-                grad = velocity
-            params = params - self.syn_lr * grad
-            if cfg.intermediate_matching and step in checkpoints:
-                k = checkpoints[step]
-                weight = intermediate_weight(k, cfg.expert_epochs, cfg.intermediate_weights)
-                denominator = start_params if cfg.intermediate_denominator == "perturbed" else expert_start
-                total = total + weight * matching_loss(params, targets[k], denominator)
-        final = matching_loss(params, targets[cfg.expert_epochs], expert_start)
-        return total + final, self._stats(final, inner_losses, nu)
-
-    @staticmethod
-    def _stats(final: Tensor, inner_losses: list[float], nu: float) -> dict[str, float]:
-        mean_inner = sum(inner_losses) / len(inner_losses)
-        return {"matching_loss": float(final.detach()), "inner_loss": mean_inner,
-                "inner_loss_balanced": nu * mean_inner}
-
-    def _loss_and_gradients(self, start_params: Tensor, targets: dict[int, Tensor], expert_start: Tensor,
-                            nu: float) -> tuple[Tensor, dict[str, float]]:
-        """Total matching loss; when it is finite, its gradients are left in images.grad and syn_lr.grad."""
-        if self.config.gradient == "tesla":
-            loss, inner_losses = tesla_gradients(
-                self.step_gradient, lambda x, generator: self.dsa(x, generator=generator), self.images,
-                self.labels, self._batches(), start_params, targets[self.config.expert_epochs], expert_start,
-                self.syn_lr, nu, self.generator)
-            return loss, self._stats(loss, inner_losses, nu)
-        loss, stats = self._unroll_loss(start_params, targets, expert_start, nu)
-        if torch.isfinite(loss):
-            loss.backward()
-        return loss, stats
-
-    def _step(self) -> dict[str, float]:
-        cfg = self.config
-        tic = time.perf_counter()
-        expert_index, start = self._sample_segment()
-        traj = self.trajectories[expert_index]
-        end_epoch = traj.num_epochs
-        expert_start = traj.at(start).to(self.device)
-        targets = {k: traj.at(min(start + k, end_epoch)).to(self.device) for k in range(1, cfg.expert_epochs + 1)}
-        start_params = expert_start
-        if cfg.perturb_rho > 0:
-            perturb = PERTURBATIONS[cfg.perturb_form]
-            perturbed = perturb(self.flat_model.unflatten(expert_start), cfg.perturb_rho, self.generator)
-            start_params = torch.cat([perturbed[name].reshape(-1) for name in self.flat_model.names])
-        nu = (balance_factor(start, cfg.max_start_epoch, cfg.vartheta, cfg.log_base, cfg.balance_middle)
-              if cfg.balanced_loss else 1.0)
-        self.opt_img.zero_grad(set_to_none=True)
-        self.opt_lr.zero_grad(set_to_none=True)
-        loss, stats = self._loss_and_gradients(start_params.detach().clone(), targets, expert_start, nu)
-        finite = (bool(torch.isfinite(loss)) and self.images.grad is not None and self.syn_lr.grad is not None
-                  and bool(torch.isfinite(self.images.grad).all() and torch.isfinite(self.syn_lr.grad)))
-        skipped = not (finite and self._apply_update())
-        return {"iteration": self.iteration, "expert": expert_index, "start_epoch": start,
-                "loss": float(loss.detach()), "balance_factor": nu, "syn_lr": float(self.syn_lr.detach()),
-                "skipped": float(skipped), "seconds": time.perf_counter() - tic, **stats}
-
-    def _apply_update(self) -> bool:
-        """Step images and alpha; roll back if the result is non-finite. Returns whether the step was kept."""
-        saved = (self.images.detach().clone(), self.syn_lr.detach().clone(),
-                 copy.deepcopy(self.opt_img.state_dict()), copy.deepcopy(self.opt_lr.state_dict()))
-        self.opt_img.step()
-        self.opt_lr.step()
-        with torch.no_grad():
-            self.syn_lr.clamp_(min=self.config.min_syn_lr)
-            if torch.isfinite(self.images).all() and torch.isfinite(self.syn_lr):
-                return True
-            self.images.copy_(saved[0])
-            self.syn_lr.copy_(saved[1])
-        self.opt_img.load_state_dict(saved[2])
-        self.opt_lr.load_state_dict(saved[3])
-        return False
-
-    # -- loop ------------------------------------------------------------------------------------------------
     def run(self, progress: bool = False) -> DistillResult:
         """Run (or resume) until `config.iterations`; returns final and best-by-validation sets."""
         self._resume()
@@ -344,7 +99,7 @@ class Distiller:
             self._evaluate()  # the starting set (iteration 0): the first point of the accuracy curve
         bar = tqdm(total=self.config.iterations, initial=self.iteration, disable=not progress, desc="distill")
         while self.iteration < self.config.iterations:
-            record = self._step()
+            record = {"iteration": self.iteration, **self.engine.step()}
             self._track_nonfinite(record)
             self._check_growth(record)
             self.iteration += 1
@@ -354,11 +109,11 @@ class Distiller:
             bar.update(1)
             bar.set_postfix(loss=f"{record['matching_loss']:.4f}", lr=f"{record['syn_lr']:.2e}")
             if self.iteration % self.checkpoint_every == 0 or self.iteration == self.config.iterations:
-                self.save_checkpoint()
+                self._save()
         bar.close()
-        if self.evaluator and not self.best:
+        if self.evaluator and self.best is None:
             self._evaluate()
-        return DistillResult(self.images.detach().clone(), self.labels.clone(), float(self.syn_lr.detach()),
+        return DistillResult(self.engine.images.detach().clone(), self.engine.labels.clone(), self.engine.lr,
                              self.history, self.best, self.validation)
 
     def _track_nonfinite(self, record: dict[str, float]) -> None:
@@ -374,7 +129,7 @@ class Distiller:
 
     def _check_growth(self, record: dict[str, float]) -> None:
         """Record the images' RMS; stop with a clear error when it or alpha has grown by orders of magnitude."""
-        record["image_rms"] = float(self._image_rms())
+        record["image_rms"] = self.engine.image_rms()
         growth = record["image_rms"] / self.initial_rms
         if growth > self.config.max_image_growth:  # the last checkpoint (before this) stays the resume point
             raise DivergenceError(
@@ -391,49 +146,30 @@ class Distiller:
     def _evaluate(self) -> None:
         """Validation accuracy of the current set, appended to `validation`; keeps the best set so far."""
         assert self.evaluator is not None
-        accuracy = float(self.evaluator(self.images.detach().clone(), self.labels, float(self.syn_lr.detach())))
+        images = self.engine.images.detach()
+        accuracy = float(self.evaluator(images.clone(), self.engine.labels, self.engine.lr))
         self.validation.append({"iteration": self.iteration, "val_acc": accuracy})
-        if not self.best or accuracy > float(self.best["val_acc"]):
-            self.best = {"val_acc": accuracy, "iteration": self.iteration,
-                         "images": self.images.detach().cpu().clone(), "syn_lr": float(self.syn_lr.detach())}
+        if self.best is None or accuracy > self.best.val_acc:
+            self.best = BestSet(self.iteration, accuracy, images.cpu().clone(), self.engine.lr)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def _state(self) -> dict[str, object]:
-        return {"config": asdict(self.config), "iteration": self.iteration,
-                "images": self.images.detach().cpu(), "syn_lr": self.syn_lr.detach().cpu(),
-                "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
-                "generator": self.generator.get_state(), "history": self.history, "best": self.best,
-                "validation": self.validation, "nonfinite_streak": self.nonfinite_streak,
-                "initial_rms": self.initial_rms}
-
-    def save_checkpoint(self) -> None:
-        if self.checkpoint_dir is None:
+    def _save(self) -> None:
+        if self.checkpoint is None:
             return
-        with atomic_path(self.checkpoint_dir / self.CHECKPOINT_NAME) as tmp:
-            torch.save(self._state(), tmp)
+        self.checkpoint.save(self.config, {
+            "iteration": self.iteration, **self.engine.state_dict(), "history": self.history,
+            "best": asdict(self.best) if self.best else {}, "validation": self.validation,
+            "nonfinite_streak": self.nonfinite_streak, "initial_rms": self.initial_rms})
 
     def _resume(self) -> None:
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / self.CHECKPOINT_NAME).exists():
+        state = self.checkpoint.load(self.config) if self.checkpoint is not None else None
+        if state is None:
             return
-        path = self.checkpoint_dir / self.CHECKPOINT_NAME
-        try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as error:  # a corrupted file: say which one, never guess
-            raise ValueError(f"checkpoint {path} cannot be read ({error}); delete it to start over") from error
-        differing = changed_settings(state["config"], self.config)
-        if differing:
-            raise ValueError(f"checkpoint {path} was made with other settings ({', '.join(differing)}); "
-                             "delete it or restore those settings")
-        with torch.no_grad():
-            self.images.copy_(state["images"].to(self.device))
-            self.syn_lr.copy_(state["syn_lr"].to(self.device))
-        self.opt_img.load_state_dict(state["opt_img"])
-        self.opt_lr.load_state_dict(state["opt_lr"])
-        self.generator.set_state(state["generator"])
+        self.engine.load_state_dict(state)
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
-        self.best = dict(state["best"])
+        self.best = BestSet(**state["best"]) if state["best"] else None
         self.validation = list(state.get("validation", []))
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self.initial_rms = float(state.get("initial_rms", self.initial_rms))
-        log.info("resumed distillation from %s at iteration %d", path, self.iteration)
+        log.info("resumed distillation from %s at iteration %d", self.checkpoint.path, self.iteration)

@@ -2,14 +2,16 @@
 
 Fresh randomly initialised networks are trained on a (synthetic or coreset) image set with SGD (momentum
 0.9, weight decay 5e-4, batch 256 or the whole set if smaller, DSA on every batch) and scored on the test
-split, or on the validation split for model selection without test leakage. Two schedules:
+split, or on the validation split for model selection without test leakage. An `EvalSpec` (declared in
+`ast_core.settings`, validated on construction) says which networks (architecture, width, depth), how many,
+how long and on which split. Two schedules (`EvalSpec.protocol`):
 
 - protocol "ast" [P]: `iterations` SGD steps, learning rate halved at `iterations // 2`;
 - protocol "mtt" [C]: `iterations` epochs over the set, learning rate x0.1 at epoch `iterations // 2`.
 
-`train_on_real` gives the full-dataset upper bound with the same optimiser: a few epochs on the whole
-training split, learning rate halved at half. Network i is initialised, shuffled and augmented from seed
-`seed + i` only, so results are repeatable on the CPU.
+`train_on_real` gives the full-dataset upper bound with the same optimiser and the spec's networks: a few
+epochs on the whole training split, learning rate halved at half. Network i is initialised, shuffled and
+augmented from seed `seed + i` only, so results are repeatable on the CPU.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from tqdm.auto import tqdm
 from ast_core.augment import DSA, dsa_strategy_for
 from ast_core.data import DatasetSplits
 from ast_core.models import build_model
-from ast_core.settings import ARCHITECTURES, PROTOCOLS
+from ast_core.settings import EVAL_SPLITS, PROTOCOLS, EvalSpec, is_positive_int
 
-__all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalResult", "evaluate_synthetic", "schedule", "train_on_real"]
+__all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalResult", "EvalSpec", "evaluate_synthetic", "schedule", "train_on_real"]
 
-EVAL_SPLITS = ("test", "val")
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 EVAL_BATCH = 1024
@@ -58,27 +59,14 @@ class EvalResult:
         return asdict(self)
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-
-
-def _validate(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits, arch: str,
-              num_models: int, iterations: int, batch_size: int, width: int, eval_split: str) -> float:
-    """Check every argument before any compute; return the learning rate as a Python float."""
+def _validate(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits) -> float:
+    """Check the per-call arguments before any compute (the spec checked itself); return lr as a Python float."""
     try:
         lr_value = float(lr.detach()) if isinstance(lr, Tensor) else float(lr)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"lr={lr!r} must be one finite positive number (float or 1-element tensor)") from exc
     if not math.isfinite(lr_value) or lr_value <= 0:
         raise ValueError(f"lr={lr_value!r} must be a finite positive number")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"arch={arch!r} is not supported; allowed: {', '.join(ARCHITECTURES)}")
-    if eval_split not in EVAL_SPLITS:
-        raise ValueError(f"eval_split={eval_split!r} is unknown; allowed: {', '.join(EVAL_SPLITS)}")
-    for name, value in (("num_models", num_models), ("iterations", iterations), ("batch_size", batch_size),
-                        ("width", width)):
-        _positive_int(name, value)
     info = data.info
     expected = (info.channels, info.image_size, info.image_size)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:
@@ -95,12 +83,14 @@ def _validate(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetS
     return lr_value
 
 
-def _new_model(data: DatasetSplits, arch: str, width: int, seed: int, device: torch.device) -> nn.Module:
-    """A freshly initialised network whose weights depend only on `seed` (global RNG left untouched)."""
+def _new_model(data: DatasetSplits, spec: EvalSpec, seed: int, device: torch.device) -> nn.Module:
+    """A freshly initialised network of the spec's architecture, width and depth (those of the student and
+    experts when the spec comes from params) whose weights depend only on `seed` (global RNG left untouched)."""
     info = data.info
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(arch, info.channels, info.num_classes, info.image_size, width=width)
+        model = build_model(spec.arch, info.channels, info.num_classes, info.image_size, width=spec.width,
+                            depth=spec.depth)
     return model.to(device)
 
 
@@ -146,56 +136,52 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> fl
     return 100.0 * correct / x.shape[0]
 
 
-def _run(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits, *, arch: str,
-         num_models: int, iterations: int, seed: int, protocol: str, batch_size: int,
-         dsa_strategy: str | None, device: str, width: int, eval_split: str, progress: bool | str) -> EvalResult:
-    """Validate, then train and score `num_models` networks (seeds seed, seed+1, ...)."""
-    lr_value = _validate(images, labels, lr, data, arch, num_models, iterations, batch_size, width,
-                         eval_split)
+def _run(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits, spec: EvalSpec, *,
+         protocol: str, iterations: int, seed: int, dsa_strategy: str | None, device: str,
+         progress: bool | str) -> EvalResult:
+    """Validate, then train `spec.num_models` networks (seeds seed, seed+1, ...) under the schedule of
+    (`protocol`, `iterations`) and score them on `spec.eval_split`."""
+    lr_value = _validate(images, labels, lr, data)
     dsa = DSA(dsa_strategy if dsa_strategy is not None else dsa_strategy_for(data.info.name))
     dev = torch.device(device)
     x = images.detach().to(dev, torch.float32)
     y = labels.detach().to(dev, torch.int64)
-    eval_x, eval_y = (data.test_x, data.test_y) if eval_split == "test" else (data.val_x, data.val_y)
-    seeds = [int(seed) + i for i in range(num_models)]
+    eval_x, eval_y = (data.test_x, data.test_y) if spec.eval_split == "test" else (data.val_x, data.val_y)
+    seeds = [int(seed) + i for i in range(spec.num_models)]
     accuracies = []
-    label = progress if isinstance(progress, str) else f"eval {arch}/{protocol}"
+    label = progress if isinstance(progress, str) else f"eval {spec.arch}/{protocol}"
     for s in tqdm(seeds, disable=not progress, desc=label, unit="network"):
-        model = _new_model(data, arch, width, s, dev)
-        _train(model, x, y, lr_value, protocol, iterations, batch_size, dsa,
+        model = _new_model(data, spec, s, dev)
+        _train(model, x, y, lr_value, protocol, iterations, spec.batch_size, dsa,
                torch.Generator().manual_seed(s), bool(progress))
         accuracies.append(accuracy(model, eval_x, eval_y, dev))
     return EvalResult(mean=float(np.mean(accuracies)), std=float(np.std(accuracies)), accuracies=accuracies,
-                      seeds=seeds, protocol=protocol, arch=arch, iterations=iterations, eval_split=eval_split,
-                      lr=lr_value)
+                      seeds=seeds, protocol=protocol, arch=spec.arch, iterations=iterations,
+                      eval_split=spec.eval_split, lr=lr_value)
 
 
-def evaluate_synthetic(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits,
-                       arch: str = "convnet", num_models: int = 5, iterations: int = 1000, seed: int = 0,
-                       protocol: str = "ast", batch_size: int = 256, dsa_strategy: str | None = None,
-                       device: str = "cpu", width: int = 128, eval_split: str = "test",
+def evaluate_synthetic(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits, spec: EvalSpec,
+                       seed: int = 0, dsa_strategy: str | None = None, device: str = "cpu",
                        progress: bool | str = False) -> EvalResult:
-    """Score a synthetic set: train `num_models` fresh networks on it with lr = learned α (docs/method.md section 5).
+    """Score a synthetic set (docs/method.md section 5): train `spec.num_models` fresh networks on it with
+    lr = learned α, `spec.iterations` long under `spec.protocol`, and score them on `spec.eval_split`.
 
     `dsa_strategy=None` uses `dsa_strategy_for(data.info.name)`; `"none"` disables augmentation. `progress`:
     show progress bars, labelled with it when it is a string.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol={protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
-    return _run(images, labels, lr, data, arch=arch, num_models=num_models, iterations=iterations, seed=seed,
-                protocol=protocol, batch_size=batch_size, dsa_strategy=dsa_strategy, device=device,
-                width=width, eval_split=eval_split, progress=progress)
+    return _run(images, labels, lr, data, spec, protocol=spec.protocol, iterations=spec.iterations, seed=seed,
+                dsa_strategy=dsa_strategy, device=device, progress=progress)
 
 
-def train_on_real(data: DatasetSplits, arch: str = "convnet", epochs: int = 10, lr: float = 0.01,
-                  num_models: int = 1, seed: int = 0, batch_size: int = 256, dsa_strategy: str | None = None,
-                  device: str = "cpu", width: int = 128, eval_split: str = "test",
-                  progress: bool | str = False) -> EvalResult:
-    """Full-dataset upper bound (docs/method.md section 5): `epochs` epochs on the whole train split, lr halved at half.
+def train_on_real(data: DatasetSplits, spec: EvalSpec, epochs: int = 10, lr: float = 0.01, seed: int = 0,
+                  dsa_strategy: str | None = None, device: str = "cpu", progress: bool | str = False) -> EvalResult:
+    """Full-dataset upper bound (docs/method.md section 5): the spec's networks, `epochs` epochs on the whole
+    train split, lr halved at half.
 
-    The result has protocol "real" and `iterations` = epochs.
+    The full-data schedule replaces the spec's protocol and iterations: the result has protocol "real" and
+    `iterations` = epochs.
     """
-    _positive_int("epochs", epochs)
-    return _run(data.train_x, data.train_y, lr, data, arch=arch, num_models=num_models, iterations=epochs,
-                seed=seed, protocol="real", batch_size=batch_size, dsa_strategy=dsa_strategy, device=device,
-                width=width, eval_split=eval_split, progress=progress)
+    if not is_positive_int(epochs):
+        raise ValueError(f"epochs={epochs!r} must be a positive integer")
+    return _run(data.train_x, data.train_y, lr, data, spec, protocol="real", iterations=epochs, seed=seed,
+                dsa_strategy=dsa_strategy, device=device, progress=progress)

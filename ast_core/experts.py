@@ -11,20 +11,21 @@ with λ_e from `ast_core.losses.clipped_ce_scale` (switch `clip_ce`) and the gra
 the penalty is taken on the un-augmented batch. Randomness (initialisation, shuffling, DSA) is derived
 from the expert's seed only, so the same seed gives bit-identical checkpoints on the CPU.
 
-`train_experts` fills a buffer folder (format: `ast_core.trajectory`) and writes ``summary.json``,
-``metrics.csv``, ``accuracy.png`` and ``step_sq_norm.png`` (AST Fig. 9) beside the experts.
+`train_experts` fills a buffer folder (format: `ast_core.trajectory`), one file per expert, resuming after a kill.
+Where the experts train is an `ExpertScheduler`: `LocalScheduler` (this process, or a process pool) here,
+`pipeline.distributed.DaskScheduler` on a cluster. The folder's reports are `ast_core.expert_reports`.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import statistics
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,19 +36,10 @@ from tqdm import tqdm
 from ast_core.augment import DSA
 from ast_core.data import DatasetSplits
 from ast_core.evaluate import accuracy
-from ast_core.io import atomic_write_csv, atomic_write_json
 from ast_core.losses import clipped_ce_scale, gradient_penalty, input_gradient_norms
 from ast_core.models import FlatModel, build_model, default_depth
 from ast_core.settings import ExpertConfig
-from ast_core.trajectory import (
-    STORAGE_DTYPES,
-    expert_path,
-    list_buffer,
-    read_metadata,
-    save_trajectory,
-    step_sq_norms,
-)
-from ast_core.viz import plot_curves
+from ast_core.trajectory import STORAGE_DTYPES, expert_path, read_metadata, save_trajectory, step_sq_norms
 
 GRAD_NORM_KEYS = ("grad_norm_mean", "grad_norm_q10", "grad_norm_q90")
 HISTORY_KEYS = ("lr", "train_loss", "train_acc", "gp", "val_acc", "test_acc", *GRAD_NORM_KEYS)
@@ -183,11 +175,58 @@ def expert_metadata(data: DatasetSplits, config: ExpertConfig, seed: int, index:
     }
 
 
-def _train_and_save(data: DatasetSplits, config: ExpertConfig, seed: int, index: int, path: Path,
-                    device: str | torch.device, dtype: torch.dtype, progress: bool) -> Path:
-    checkpoints, history = train_expert(data, config, seed, device=device, progress=progress)
-    metadata = expert_metadata(data, config, seed, index, history)
-    return save_trajectory(path, checkpoints, metadata, dtype=dtype)
+@dataclass(frozen=True)
+class ExpertJob:
+    """One expert of a buffer: trained from `config` with `seed`, stored as expert `index` at `path` in `dtype`."""
+
+    config: ExpertConfig
+    seed: int
+    index: int
+    path: Path
+    dtype: torch.dtype
+
+    def save(self, data: DatasetSplits, checkpoints: list[Tensor], history: dict[str, Any]) -> Path:
+        """Store a trained trajectory with its metadata (atomically; format: `ast_core.trajectory`)."""
+        metadata = expert_metadata(data, self.config, self.seed, self.index, history)
+        return save_trajectory(self.path, checkpoints, metadata, dtype=self.dtype)
+
+    def run(self, data: DatasetSplits, device: str | torch.device, progress: bool = False) -> Path:
+        """Train this expert in this process and store it."""
+        checkpoints, history = train_expert(data, self.config, self.seed, device=device, progress=progress)
+        return self.save(data, checkpoints, history)
+
+
+class ExpertScheduler(Protocol):
+    """Where experts train: `run` trains every job (in any order, each independent) and stores it (`ExpertJob.save`)."""
+
+    def run(self, data: DatasetSplits, jobs: Sequence[ExpertJob]) -> None: ...
+
+
+@dataclass(frozen=True)
+class LocalScheduler:
+    """Experts on this machine: one after another in this process (`workers` 1, or a single job), else in a spawn
+    process pool of `workers` processes with max(1, cpus // workers) torch threads each."""
+
+    workers: int = 1
+    device: str | torch.device = "cpu"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers={self.workers!r} must be a positive integer")
+
+    def run(self, data: DatasetSplits, jobs: Sequence[ExpertJob]) -> None:
+        if self.workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                job.run(data, self.device, self.progress)
+            return
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)), mp_context=context,
+                                 initializer=_init_worker, initargs=(data, threads)) as pool:
+            futures = [pool.submit(_worker_run, job, str(self.device)) for job in jobs]
+            for future in tqdm(futures, desc="experts", disable=not self.progress):
+                future.result()
 
 
 def _init_worker(data: DatasetSplits, threads: int) -> None:
@@ -195,9 +234,8 @@ def _init_worker(data: DatasetSplits, threads: int) -> None:
     _WORKER_STATE["data"] = data
 
 
-def _worker_train(config: ExpertConfig, seed: int, index: int, path: Path, device: str,
-                  dtype: torch.dtype) -> Path:
-    return _train_and_save(_WORKER_STATE["data"], config, seed, index, path, device, dtype, progress=False)
+def _worker_run(job: ExpertJob, device: str) -> Path:
+    return job.run(_WORKER_STATE["data"], device)
 
 
 def _check_existing(path: Path, data: DatasetSplits, config: ExpertConfig, seed: int) -> None:
@@ -236,117 +274,16 @@ def pending_experts(data: DatasetSplits, config: ExpertConfig, out_dir: str | os
 
 
 def train_experts(data: DatasetSplits, config: ExpertConfig, out_dir: str | os.PathLike, num_experts: int,
-                  seed: int = 0, workers: int = 1, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, progress: bool = False) -> dict[str, Any]:
-    """Fill a buffer folder with experts seed, seed+1, … and write its reports; returns the summary.
+                  seed: int = 0, dtype: torch.dtype = torch.float32, scheduler: ExpertScheduler | None = None) -> None:
+    """Fill a buffer folder with experts seed, seed+1, … (expert i has seed + i), trained by `scheduler`
+    (default: `LocalScheduler()`, one after another on the CPU).
 
     Experts whose file exists are kept (resume after a kill; their dataset/config/seed must match).
-    `workers` > 1 trains in a spawn process pool with max(1, cpus // workers) torch threads each.
-    Files are written atomically, one per expert, in `dtype` (float32 or float16/bfloat16).
+    Files are written atomically, one per expert, in `dtype` (float32 or float16/bfloat16). The folder's
+    reports are `ast_core.expert_reports.summarize_buffer`.
     """
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers={workers!r} must be a positive integer")
     out = Path(out_dir)
-    todo = pending_experts(data, config, out, num_experts, seed, dtype)
-    if workers == 1 or len(todo) <= 1:
-        for i in todo:
-            _train_and_save(data, config, seed + i, i, expert_path(out, i), device, dtype, progress)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context,
-                                 initializer=_init_worker, initargs=(data, threads)) as pool:
-            futures = [pool.submit(_worker_train, config, seed + i, i, expert_path(out, i), str(device),
-                                   dtype) for i in todo]
-            for future in tqdm(futures, desc="experts", disable=not progress):
-                future.result()
-    return summarize_buffer(out, num_experts)
-
-
-def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean and population std of the non-missing values, with the values themselves."""
-    present = [v for v in values if v is not None]
-    return {"per_expert": list(values), "mean": statistics.fmean(present) if present else None,
-            "std": statistics.pstdev(present) if present else None}
-
-
-def summarize_buffer(folder: str | os.PathLike, num_experts: int | None = None) -> dict[str, Any]:
-    """Write summary.json, metrics.csv, accuracy.png, step_sq_norm.png and grad_norm.png for a buffer folder.
-
-    Uses the first `num_experts` plain experts (all when None), reading only their metadata.
-    summary.json: Avg_Var per expert with mean ± std, final train/val/test accuracy and input-gradient norm
-    (at θ_0 and after the last epoch) mean ± std.
-    """
-    out = Path(folder)
-    paths = list_buffer(out)[:num_experts]
-    if not paths:
-        raise FileNotFoundError(f"no expert files expert_000.safetensors, ... in {out}")
-    metas = [read_metadata(p) for p in paths]
-    histories = [m["history"] for m in metas]
-    rows = []
-    for meta, history in zip(metas, histories, strict=True):
-        for e in range(len(history["step_sq_norm"])):
-            row = {"expert": meta["expert_index"], "seed": meta["seed"], "epoch": e + 1}
-            row.update({key: history[key][e] for key in (*HISTORY_KEYS, "step_sq_norm")})
-            rows.append(row)
-    atomic_write_csv(out / "metrics.csv", rows)
-    summary = {
-        "num_experts": len(metas), "dataset": metas[0]["dataset"], "arch": metas[0]["arch"],
-        "num_epochs": metas[0]["num_epochs"], "config": metas[0]["config"],
-        "seeds": [m["seed"] for m in metas],
-        "avg_var": _mean_std([statistics.fmean(h["step_sq_norm"]) for h in histories]),
-        **{key: _mean_std([h[key][-1] for h in histories]) for key in ("train_acc", "val_acc", "test_acc")},
-        "train_seconds": _mean_std([h["train_seconds"] for h in histories]),
-        "gp_norm": metas[0]["config"]["gp_norm"],
-        "grad_norm_init": _mean_std([h["grad_norm_init"]["grad_norm_mean"] for h in histories]),
-        **{key: _mean_std([h[key][-1] for h in histories]) for key in GRAD_NORM_KEYS},
-    }
-    atomic_write_json(out / "summary.json", summary)
-    _plot_buffer(out, histories, metas[0]["config"])
-    return summary
-
-
-def epoch_curve(histories: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]] | None:
-    """Per-epoch mean and std of `key` across experts, or None when it was not recorded."""
-    columns = list(zip(*(h[key] for h in histories), strict=True))
-    if any(v is None for column in columns for v in column):
-        return None
-    return [statistics.fmean(c) for c in columns], [statistics.pstdev(c) for c in columns]
-
-
-def _plot_buffer(out: Path, histories: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
-    """accuracy.png (train/val/test per epoch), step_sq_norm.png (AST Fig. 9) and grad_norm.png, mean ± std
-    over experts."""
-    n = len(histories)
-    epochs = list(range(1, len(histories[0]["test_acc"]) + 1))
-    series, bands = {}, {}
-    for split in ("train", "val", "test"):
-        curve = epoch_curve(histories, f"{split}_acc")
-        if curve is not None:
-            series[split], bands[split] = (epochs, curve[0]), curve[1]
-    plot_curves(series, out / "accuracy.png", "epoch", "accuracy (%)",
-                title=f"expert accuracy (mean ± std over {n} experts)", bands=bands)
-    mean, std = epoch_curve(histories, "step_sq_norm")
-    label = "|θ_t − θ_t+1|²"
-    plot_curves({label: (list(range(len(mean))), mean)}, out / "step_sq_norm.png", "epoch t", label,
-                title=f"parameter change per epoch (AST Fig. 9, {n} experts)", logy=True, bands={label: std})
-    _plot_grad_norms(out, histories, config)
-
-
-def grad_norm_curve(histories: Sequence[dict[str, Any]], key: str) -> list[float]:
-    """`key` (grad_norm_mean/q10/q90) at θ_0 and after every epoch, mean over experts (epoch 0 = θ_0)."""
-    return [statistics.fmean(h["grad_norm_init"][key] for h in histories), *epoch_curve(histories, key)[0]]
-
-
-def _plot_grad_norms(out: Path, histories: Sequence[dict[str, Any]], config: dict[str, Any]) -> None:
-    """grad_norm.png: input-gradient norm per epoch (epoch 0 = θ_0), mean over experts with the mean 10-90 %
-    quantile band, against the penalty's target K when a penalty is in use."""
-    epochs = list(range(len(histories[0]["test_acc"]) + 1))
-    label = f"per-{config['gp_norm']} norm"
-    series = {label: (epochs, grad_norm_curve(histories, "grad_norm_mean"))}
-    if config["grad_penalty"]:
-        series[f"target K = {config['gp_target']}"] = (epochs, [config["gp_target"]] * len(epochs))
-    plot_curves(series, out / "grad_norm.png", "epoch", "‖∇x Σc f(x)c‖ (mean, 10-90 % band)", logy=True,
-                title=f"input-gradient norm the penalty constrains ({len(histories)} experts)",
-                ranges={label: (grad_norm_curve(histories, "grad_norm_q10"),
-                                grad_norm_curve(histories, "grad_norm_q90"))})
+    jobs = [ExpertJob(config, seed + i, i, expert_path(out, i), dtype)
+            for i in pending_experts(data, config, out, num_experts, seed, dtype)]
+    if jobs:
+        (scheduler or LocalScheduler()).run(data, jobs)

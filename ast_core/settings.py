@@ -1,8 +1,8 @@
 """The method's settings and their validation; importing it costs no torch.
 
 Every name registry (datasets, architectures, protocols, initialisations, modes and switches of the
-distillation and expert settings, DSA families) and the two settings dataclasses, `DistillConfig` and
-`ExpertConfig`, are declared here once. The modules that use them (`ast_core.data`, `ast_core.distill`,
+distillation and expert settings, DSA families) and the settings dataclasses, `DistillConfig`, `ExpertConfig`
+and `EvalSpec`, are declared here once. The modules that use them (`ast_core.data`, `ast_core.distill`,
 `ast_core.experts`, ...) import them from here, so `from ast_core.distill import DistillConfig` keeps working,
 while `pipeline.params` validates a params file without importing torch, torchvision or scikit-learn.
 """
@@ -44,6 +44,7 @@ DIGIT_DATASETS: frozenset[str] = frozenset({"mnist", "svhn", "digits"})
 # MTT/AST forms first, then torchvision's batch-norm versions (options).
 ARCHITECTURES = ("convnet", "resnet18", "vgg11", "alexnet", "resnet18_bn", "vgg11_bn")
 PROTOCOLS = ("ast", "mtt")                                # evaluation protocols (ast_core.evaluate)
+EVAL_SPLITS = ("test", "val")                             # splits an evaluation scores on (ast_core.evaluate)
 INIT_METHODS = ("representative", "real", "noise")        # synthetic-set initialisations (ast_core.init)
 CORESET_METHODS = ("random", "herding", "kcenter", "kmeans")   # coreset baselines (ast_core.baselines)
 BETA_MODES = ("arclength", "uniform")                     # MCT anchor parameterisation (ast_core.trajectory)
@@ -97,8 +98,24 @@ def dsa_strategy_for(dataset: str, strategy: str = DEFAULT_STRATEGY) -> str:
     return "_".join(families) if families else "none"
 
 
+def is_positive_int(value: Any) -> bool:
+    """An int >= 1 that is not a bool (YAML's `true` must not count as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_fields(settings: object, checks: dict[str, tuple[bool, str]]) -> None:
+    """Raise ValueError for the first field whose check failed, naming `Class.field`, its value and what is allowed.
+
+    `checks` maps a field name to (passed?, description of the allowed values).
+    """
+    for name, (ok, allowed) in checks.items():
+        if not ok:
+            raise ValueError(f"{type(settings).__name__}.{name}={getattr(settings, name)!r} is invalid; "
+                             f"allowed: {allowed}")
+
+
 def check_balance(vartheta: float, log_base: float, middle: str) -> None:
-    """The settings of the balanced inner-loop loss (Eq. 20, `ast_core.distill.balance_factor`) are valid."""
+    """The settings of the balanced inner-loop loss (Eq. 20, `ast_core.matching.balance_factor`) are valid."""
     if not (math.isfinite(vartheta) and vartheta > 1 and math.isfinite(log_base) and log_base > 1):
         raise ValueError(f"vartheta={vartheta} and log_base={log_base} must be finite numbers > 1 so that nu > 0")
     if middle not in BALANCE_MIDDLES:
@@ -178,6 +195,16 @@ class DistillConfig:
                              "use gradient='unroll' for them")
 
 
+# How the pipeline exposes DistillConfig (pipeline/params.py builds its sections from these names, so each
+# setting is declared once, here): hyperparameters that may differ per ipc (distill.hyper, distill.per_ipc,
+# a row's `hyper`) and the switches of one method row (distill.configs.<row>). The remaining fields (ipc, seed,
+# optimiser momenta, min_syn_lr, dsa_strategy, max_nonfinite) are set by the pipeline or fixed.
+HYPER_FIELDS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn", "lr_img", "lr_lr",
+                "lr_teacher", "max_image_growth")
+SWITCH_FIELDS = ("sampling", "balanced_loss", "vartheta", "log_base", "intermediate_matching",
+                 "intermediate_weights", "perturb_rho", "perturb_form", "intermediate_denominator", "balance_middle",
+                 "student_momentum", "gradient")
+
 
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
@@ -218,24 +245,21 @@ class ExpertConfig:
     zca: bool = False
 
     def __post_init__(self) -> None:
-        def positive_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
         def number(value: Any, low: float, high: float = math.inf) -> bool:
             real = isinstance(value, int | float) and not isinstance(value, bool)
             return real and math.isfinite(value) and low <= value <= high
 
         checks: dict[str, tuple[bool, str]] = {
             "arch": (self.arch in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}"),
-            "width": (positive_int(self.width), "a positive integer"),
-            "depth": (self.depth is None or positive_int(self.depth), "None or a positive integer"),
-            "epochs": (positive_int(self.epochs), "a positive integer"),
-            "batch_size": (positive_int(self.batch_size), "a positive integer"),
+            "width": (is_positive_int(self.width), "a positive integer"),
+            "depth": (self.depth is None or is_positive_int(self.depth), "None or a positive integer"),
+            "epochs": (is_positive_int(self.epochs), "a positive integer"),
+            "batch_size": (is_positive_int(self.batch_size), "a positive integer"),
             "optimizer": (self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             "lr": (number(self.lr, 0.0) and self.lr > 0, "a finite number > 0"),
             "momentum": (number(self.momentum, 0.0) and self.momentum < 1, "a number in [0, 1)"),
             "weight_decay": (number(self.weight_decay, 0.0), "a finite number >= 0"),
-            "lr_decay_epoch": (self.lr_decay_epoch is None or positive_int(self.lr_decay_epoch),
+            "lr_decay_epoch": (self.lr_decay_epoch is None or is_positive_int(self.lr_decay_epoch),
                                "None or a positive integer"),
             "lr_decay_factor": (number(self.lr_decay_factor, 0.0, 1.0) and self.lr_decay_factor > 0,
                                 "a number in (0, 1]"),
@@ -253,10 +277,7 @@ class ExpertConfig:
             "gp_sided": (self.gp_sided in GP_SIDES, f"one of {', '.join(GP_SIDES)}"),
             "zca": (isinstance(self.zca, bool), "True or False"),
         }
-        for name, (ok, allowed) in checks.items():
-            if not ok:
-                raise ValueError(f"ExpertConfig.{name}={getattr(self, name)!r} is invalid; "
-                                 f"allowed: {allowed}")
+        check_fields(self, checks)
         if self.dsa_strategy is not None:
             try:
                 parse_dsa_strategy(self.dsa_strategy)
@@ -276,3 +297,35 @@ class ExpertConfig:
         decayed = self.lr_decay_epoch is not None and epoch >= self.lr_decay_epoch
         return self.lr * (self.lr_decay_factor if decayed else 1.0)
 
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a set is scored (docs/method.md section 5): the networks trained on it, their schedule, the split.
+
+    Validation during distillation and the final test use the same code with different specs; the pipeline
+    builds both from params in one place (`pipeline/modelling.py::eval_spec`), so the evaluation networks
+    have the student's and experts' width and depth. `width` and `depth` shape the ConvNet only (None:
+    `ast_core.models.default_depth`). Seed, learning rate and images are per call, not part of the spec.
+    """
+
+    arch: str = "convnet"
+    width: int = 128
+    depth: int | None = None
+    protocol: str = "ast"                # "ast": `iterations` SGD steps | "mtt": `iterations` epochs
+    iterations: int = 1000
+    num_models: int = 5                  # networks trained from seeds seed, seed + 1, ...
+    batch_size: int = 256
+    eval_split: str = "test"             # "val" for model selection, never the test split
+
+    def __post_init__(self) -> None:
+        check_fields(self, {
+            "arch": (self.arch in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}"),
+            "width": (is_positive_int(self.width), "a positive integer"),
+            "depth": (self.depth is None or is_positive_int(self.depth), "None or a positive integer"),
+            "protocol": (self.protocol in PROTOCOLS, f"one of {', '.join(PROTOCOLS)}"),
+            "iterations": (is_positive_int(self.iterations), "a positive integer"),
+            "num_models": (is_positive_int(self.num_models), "a positive integer"),
+            "batch_size": (is_positive_int(self.batch_size), "a positive integer"),
+            "eval_split": (self.eval_split in EVAL_SPLITS, f"one of {', '.join(EVAL_SPLITS)}"),
+        })

@@ -2,7 +2,7 @@
 
 Parts (one per process, JSON on stdout):
 
-- `conv-share`: one `Distiller` iteration (ours, `gradient="unroll"`), with the time spent inside the step's
+- `conv-share`: one `MatchingEngine` iteration (ours, `gradient="unroll"`), with the time spent inside the step's
   convolution calls (`ast_core.functional._conv` / `_conv_backward`) summed. The reference does the same
   convolutions, so this is the floor both share; the rest is what a faster step can still remove.
 - `layout`: each convolution kind of the step (forward, weight gradient, input gradient) at each ConvNet-3

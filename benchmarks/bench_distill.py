@@ -1,6 +1,6 @@
 """Seconds and peak memory of one distillation iteration (docs/method.md section 4), one setting per process.
 
-Methods: `reference` (the MTT-style unroll of `benchmarks/reference_step.py`), `ours` (`Distiller`,
+Methods: `reference` (the MTT-style unroll of `benchmarks/reference_step.py`), `ours` (`MatchingEngine`,
 `gradient="unroll"`: hand-written ConvNet step + freed-memory reuse), `ours-no-reuse` (the same without
 `reuse_freed_cpu_memory`, to attribute the CPU gain), `tesla` (`gradient="tesla"`) and `ours-ast` (`ours`
 with every per-iteration AST module on: balanced inner loss, intermediate matching, weight perturbation ρ 0.1;
@@ -34,9 +34,10 @@ import torch
 from reference_step import ReparamModule, reference_gradients  # benchmarks/ is on sys.path as the script's folder
 from torch.utils.flop_counter import FlopCounterMode
 
-import ast_core.distill as distill
+import ast_core.matching as matching
 from ast_core.augment import DSA
 from ast_core.models import FlatModel, build_model
+from ast_core.settings import DistillConfig
 from ast_core.trajectory import PlainTrajectory
 
 METHODS = ("reference", "ours", "ours-no-reuse", "tesla", "ours-ast")
@@ -79,13 +80,12 @@ def _iteration(method: str, ipc: int, channels: int, size: int, syn_steps: int,
 
         return reference_iteration
     if method == "ours-no-reuse":
-        distill.reuse_freed_cpu_memory = lambda: False
+        matching.reuse_freed_cpu_memory = lambda: False
     modules = {"balanced_loss": True, "intermediate_matching": True, "perturb_rho": 0.1} if method == "ours-ast" else {}
-    config = distill.DistillConfig(ipc=ipc, syn_steps=syn_steps, expert_epochs=expert_epochs, max_start_epoch=1,
-                                   lr_teacher=0.01, dsa_strategy=STRATEGY,
-                                   gradient="tesla" if method == "tesla" else "unroll", **modules)
-    distiller = distill.Distiller(config, [PlainTrajectory(points)], flat_model, images, labels, device)
-    return distiller._step
+    config = DistillConfig(ipc=ipc, syn_steps=syn_steps, expert_epochs=expert_epochs, max_start_epoch=1,
+                           lr_teacher=0.01, dsa_strategy=STRATEGY, gradient="tesla" if method == "tesla" else "unroll",
+                           **modules)
+    return matching.MatchingEngine(config, [PlainTrajectory(points)], flat_model, images, labels, device).step
 
 
 def count_flops(iteration: Callable[[], None]) -> dict[str, int]:

@@ -17,7 +17,7 @@ import time
 import torch
 
 from ast_core.data import DatasetInfo, DatasetSplits
-from ast_core.evaluate import evaluate_synthetic
+from ast_core.evaluate import EvalSpec, evaluate_synthetic
 
 NUM_CLASSES = 10
 SHAPE = (1, 28, 28)
@@ -40,8 +40,8 @@ def seconds(images: torch.Tensor, labels: torch.Tensor, data: DatasetSplits, ite
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    evaluate_synthetic(images, labels, 0.01, data, num_models=1, iterations=iterations, width=args.width,
-                       batch_size=args.batch_size, device=args.device)
+    spec = EvalSpec(num_models=1, iterations=iterations, width=args.width, batch_size=args.batch_size)
+    evaluate_synthetic(images, labels, 0.01, data, spec, device=args.device)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start

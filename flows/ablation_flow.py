@@ -9,7 +9,6 @@ table of all experiments (`pipeline.stages.report`, read from MLflow) becomes a 
 from __future__ import annotations
 
 import contextlib
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +18,22 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from flows.pipeline_flow import RETRIES, RETRY_DELAY_SECONDS, outcome
-from flows.stages import GPU_TAG, hydra_overrides, overridden_params, pinned_gpu, run_dvc, stage_env
+from flows.stages import GPU_TAG, pinned_gpu, stage_env
 from pipeline import tracking
-from pipeline.ablation import GROUPS
+from pipeline.ablation import ablation_rows, check_rows, run_experiment
 from pipeline.layout import REPORT
 from pipeline.params import load_params
-from pipeline.runner import dvc_command
 
 EXPERIMENTS_TABLE = REPORT / "tables" / "experiments.md"
 ARTIFACT_KEY = "ablation-results"
-PREFIX = "ablation-"
 
 
 @task(retries=RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS, cache_policy=NO_CACHE, tags=[GPU_TAG])
-def run_experiment(name: str, overrides: dict[str, Any], root: str, parent_run_id: str, flow_run_id: str) -> str:
-    """One DVC experiment in a temporary copy, on a GPU of its own; an experiment of the same name is replaced."""
-    env = stage_env(parent_run_id, flow_run_id)
-    subprocess.run(dvc_command("--wait-for-lock", "exp", "remove", name), cwd=root, env=env, capture_output=True,
-                   check=False)  # fails when there is none, which is fine
-    args = ["exp", "run", "--temp", "--name", name]
-    for override in hydra_overrides(overrides):
-        args += ["-S", override]
+def experiment_task(name: str, overrides: dict[str, Any], root: str, parent_run_id: str, flow_run_id: str) -> str:
+    """One DVC experiment (`pipeline.ablation.run_experiment`) on a GPU of its own."""
     with pinned_gpu() as device:
-        run_dvc(args, Path(root), {**env, **device}, get_run_logger())
+        run_experiment(name, overrides, Path(root), {**stage_env(parent_run_id, flow_run_id), **device},
+                       get_run_logger())
     return "ran"
 
 
@@ -63,14 +55,13 @@ def ablation(grid: dict[str, dict[str, Any]] | None = None, overrides: dict[str,
     from pipeline.stages import report
 
     root = Path(project_dir or Path.cwd()).resolve()
-    rows = {f"{PREFIX}{name}": {**values, **(overrides or {})} for name, values in (grid or GROUPS).items()}
+    rows = ablation_rows(grid, overrides)
     with contextlib.chdir(root):
-        for row in rows.values():
-            overridden_params(root / "params.yaml", row)  # a bad row fails here, before any experiment
+        check_rows(root / "params.yaml", rows)  # a bad row fails here, before any experiment
         params = load_params(root / "params.yaml")
         with tracking.pipeline_run(params.tracking.experiment, run_name="ablation") as parent_run_id:
             flow_run_id = str(runtime.flow_run.id or "")
-            futures = {name: run_experiment.with_options(task_run_name=name).submit(
+            futures = {name: experiment_task.with_options(task_run_name=name).submit(
                 name, row, str(root), parent_run_id, flow_run_id) for name, row in rows.items()}
             wait(list(futures.values()))
             outcomes = {name: outcome(future) for name, future in futures.items()}

@@ -19,25 +19,6 @@ from pipeline.schema import ParamsError
 log = logging.getLogger("ast-dd")
 
 
-def parse_sets(items: list[str] | None) -> dict[str, Any]:
-    """``key=value`` options as a dict, values read as `dvc exp run -S` reads them (Hydra's override syntax:
-    ``distill.ipcs=[1,10]`` is a list, ``distill.hyper.lr_img=1e3`` a float)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parser = OverridesParser.create()
-    overrides = {}
-    for item in items or []:
-        try:
-            override = parser.parse_overrides([item])[0]
-        except HydraException as error:
-            raise ParamsError(f"--set: {item!r} must look like key=value ({error})") from error
-        if override.is_sweep_override() or override.value_type is None:
-            raise ParamsError(f"--set: {item!r} must give one value (sweeps: `ast-dd flow ablate`)")
-        overrides[override.key_or_group] = override.value()
-    return overrides
-
-
 def quiet_http_logs() -> None:
     """Prefect's HTTP client logs every request at INFO; `ast-dd` logs at INFO."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -56,8 +37,7 @@ def finish(state: Any) -> None:
 
 def cmd_flow_run(args: argparse.Namespace, params: Params) -> None:
     from flows.pipeline_flow import ast_pipeline
-    from flows.stages import overridden_params
-    from pipeline.runner import ensure_params_file  # imports MLflow: only when the command runs
+    from pipeline.runner import ensure_params_file, overridden_params, parse_sets  # MLflow: only when run
 
     ensure_params_file(args.params)
     quiet_http_logs()
@@ -69,15 +49,12 @@ def cmd_flow_run(args: argparse.Namespace, params: Params) -> None:
 
 def cmd_flow_ablate(args: argparse.Namespace, params: Params) -> None:
     from flows.ablation_flow import ablation
-    from pipeline.ablation import GROUPS
-    from pipeline.runner import ensure_params_file
+    from pipeline.ablation import select_groups
+    from pipeline.runner import ensure_params_file, parse_sets
 
     ensure_params_file(args.params)
     quiet_http_logs()
-    unknown = [group for group in args.group or [] if group not in GROUPS]
-    if unknown:
-        raise ParamsError(f"--group: {unknown[0]!r} is unknown; allowed: {', '.join(GROUPS)}")
-    grid = {group: GROUPS[group] for group in args.group} if args.group else None
+    grid = select_groups(args.group)
     finish(ablation(grid=grid, overrides=parse_sets(args.set), project_dir=str(Path.cwd()), return_state=True))
 
 

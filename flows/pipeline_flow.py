@@ -17,10 +17,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, wait
 
-from flows.stages import GPU_TAG, StageNode, apply_overrides, pinned_gpu, run_dvc, stage_env, stage_graph
+from flows.stages import GPU_TAG, StageNode, pinned_gpu, stage_env, stage_graph
 from pipeline import tracking
 from pipeline.layout import DISTILL, REPORT
 from pipeline.params import load_params
+from pipeline.runner import apply_overrides, run_dvc
 
 RETRIES = 2
 RETRY_DELAY_SECONDS = 30
@@ -32,7 +33,7 @@ ARTIFACT_KEY = "ast-pipeline-results"
 def run_stage(stage: str, root: str, parent_run_id: str, flow_run_id: str, force: bool = False) -> str:
     """Reproduce one DVC stage (a training stage on a GPU of its own); returns ``ran``, ``restored from run
     cache`` (DVC had the outputs of these exact inputs) or ``up to date``. DVC resumes what a failed try left."""
-    args = ["repro", "--single-item", *(["--force"] if force else []), stage]
+    args = ["--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
     gpu = pinned_gpu() if GPU_TAG in runtime.task_run.tags else contextlib.nullcontext({})
     with gpu as device:
         output = run_dvc(args, Path(root), {**stage_env(parent_run_id, flow_run_id), **device}, get_run_logger())

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from flows.ablation_flow import ablation
 from flows.pipeline_flow import ast_pipeline
 from flows.stages import GPU_TAG, visible_gpus
 from pipeline import tracking
+from pipeline.runner import venv_command
 
 log = logging.getLogger(__name__)
 DEPLOYMENT = "ast-dd"
@@ -77,13 +77,6 @@ def prefect_server(host: str, port: int) -> subprocess.Popen:
                                          "--analytics-off"), env=env)
 
 
-def venv_command(name: str, *args: str) -> list[str]:
-    """A console script of this environment (next to the running Python), else from PATH."""
-    candidate = Path(sys.executable).with_name(name)
-    return [str(candidate) if candidate.exists() else name, *args]
-
-
-@contextlib.contextmanager
 def child_processes() -> Iterator[list[subprocess.Popen]]:
     """Processes appended to the yielded list are stopped (SIGTERM, then SIGKILL) on exit, newest first."""
     processes: list[subprocess.Popen] = []

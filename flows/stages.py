@@ -11,22 +11,15 @@ which is what lets independent stages run at once (see docs/orchestration.md).
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
 import queue
-import subprocess
-import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ast_core.io import atomic_write_text
 from pipeline import tracking
-from pipeline.params import load_params
-from pipeline.runner import dvc_command, stage_environment
+from pipeline.runner import stage_environment
 from pipeline.schema import ParamsError
 
 GPU_STAGES = frozenset({"buffer", "distill", "evaluate", "baselines"})
@@ -79,35 +72,6 @@ def stage_graph(root: Path, targets: Sequence[str] | None = None) -> list[StageN
                 for stage in order]
 
 
-def hydra_overrides(overrides: Mapping[str, Any]) -> list[str]:
-    """``key=value`` strings in the syntax of `dvc exp run -S` (values as JSON, which Hydra parses)."""
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
-
-
-def overridden_params(params_file: Path, overrides: Mapping[str, Any]) -> str:
-    """params.yaml's text with `overrides` applied as `dvc exp run -S` applies them (comments kept), checked
-    by `load_params`: a bad key or value raises ParamsError naming it."""
-    from dvc.exceptions import DvcException
-    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
-
-    with tempfile.TemporaryDirectory(prefix="ast-dd-params-") as tmp:
-        candidate = Path(tmp) / "params.yaml"
-        candidate.write_bytes(params_file.read_bytes())
-        try:
-            dvc_apply_overrides(candidate, hydra_overrides(overrides))
-        except DvcException as error:  # Hydra's own message is the cause
-            raise ParamsError(f"overrides: {dict(overrides)!r} do not fit {params_file}: "
-                              f"{error.__cause__ or error}") from error
-        load_params(candidate)
-        return candidate.read_text()
-
-
-def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
-    """Write `overrides` into params.yaml, as a workspace `dvc exp run -S` does; nothing changes on error."""
-    if overrides:
-        atomic_write_text(params_file, overridden_params(params_file, overrides))
-
-
 def visible_gpus() -> list[str]:
     """The GPUs this process may use: ``CUDA_VISIBLE_DEVICES`` when set, else all that torch sees."""
     spec = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -143,26 +107,3 @@ def stage_env(parent_run_id: str, flow_run_id: str) -> dict[str, str]:
     """The stage environment (this installation's bin/ first on PATH) plus the ids stage runs record:
     MLflow parent run and Prefect flow run."""
     return {**stage_environment(), tracking.PARENT_ENV: parent_run_id, tracking.PREFECT_ENV: flow_run_id}
-
-
-def run_dvc(args: Sequence[str], root: Path, env: Mapping[str, str], logger: logging.Logger | logging.LoggerAdapter
-            ) -> str:
-    """Run ``dvc --wait-for-lock <args>`` in `root`, streaming its output to `logger`; returns the output.
-
-    Raises RuntimeError with the last lines of output when DVC fails (the stage failed or the graph is bad).
-    """
-    command = dvc_command("--wait-for-lock", *args)
-    logger.info("%s", " ".join(command))
-    lines: list[str] = []
-    with subprocess.Popen(command, cwd=root, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip()
-            if line:
-                lines.append(line)
-                logger.info("%s", line)
-    if process.returncode:
-        tail = "\n".join(lines[-TAIL_LINES:])
-        raise RuntimeError(f"`{' '.join(command)}` exited with {process.returncode}:\n{tail}")
-    return "\n".join(lines)

@@ -30,11 +30,9 @@ def _stage(name: str) -> Callable[..., None]:
 
 
 def cmd_params(args: argparse.Namespace, params: Params) -> None:
-    import yaml
+    from pipeline.params import settings_yaml
 
-    from pipeline.schema import to_mapping
-
-    print(yaml.safe_dump(to_mapping(params), sort_keys=False))
+    print(settings_yaml(params))
 
 
 def cmd_prepare(args: argparse.Namespace, params: Params) -> None:
@@ -87,7 +85,7 @@ def cmd_report(args: argparse.Namespace, params: Params) -> None:
 def cmd_run(args: argparse.Namespace, params: Params) -> None:
     from pipeline.runner import run_pipeline
 
-    run_pipeline(params, args.params, targets=args.targets, force=args.force)
+    run_pipeline(params, args.params, targets=args.targets, force=args.force, profiles=args.profile or ())
 
 
 def cmd_study(args: argparse.Namespace, params: Params) -> None:
@@ -128,7 +126,9 @@ def add_command(sub: argparse._SubParsersAction, name: str, handler: Callable[[a
     cmd = sub.add_parser(name, help=help_text, description=help_text)
     cmd.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     cmd.add_argument("--profile", action="append",
-                     help="overlay YAML holding only the settings it changes, merged over --params (repeatable)")
+                     help="overlay YAML holding only the settings it changes, merged over --params (repeatable): "
+                          "a file, or a name in profiles/ (gpu, tiny); `run` writes it into params.yaml as a DVC "
+                          "experiment")
     cmd.set_defaults(handler=handler)
     return cmd
 

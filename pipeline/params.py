@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,12 +21,14 @@ from ast_core.settings import (
     BETA_MODES,
     CORESET_METHODS,
     DATASETS,
+    HYPER_FIELDS,
     INIT_METHODS,
     PROTOCOLS,
+    SWITCH_FIELDS,
     DistillConfig,
     ExpertConfig,
 )
-from pipeline.schema import ParamsError, from_mapping
+from pipeline.schema import ParamsError, from_mapping, to_mapping
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -146,22 +149,25 @@ class InitParams:
     plot_classes: int = 5         # classes in the 2-D PCA picture (AST Fig. 10)
 
 
-@dataclass(frozen=True)
-class Hyper:
-    """Distillation hyperparameters that may differ per ipc (docs/method.md section 7)."""
-
-    iterations: int = 1000
-    syn_steps: int = 20
-    expert_epochs: int = 2
-    max_start_epoch: float = 20
-    batch_syn: int | None = None
-    lr_img: float = 100.0
-    lr_lr: float = 1e-5
-    lr_teacher: float = 0.01
-    max_image_growth: float = 100.0     # a run whose images' RMS grows past this multiple stops with an error
+def distill_config_fields(names: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """(name, type, default) of DistillConfig's fields `names`, so the params sections built from them declare
+    no setting a second time (types, defaults and checks stay in ast_core/settings.py)."""
+    hints = typing.get_type_hints(DistillConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    return [(name, hints[name], field(default=defaults[name])) for name in names]
 
 
-HYPER_KEYS = tuple(f.name for f in dataclasses.fields(Hyper))
+def params_section(name: str, fields: list[tuple[str, Any, Any]], doc: str) -> type:
+    """A frozen dataclass of params.yaml built from field specs (importable and picklable like a written one)."""
+    section = dataclasses.make_dataclass(name, fields, frozen=True, namespace={"__doc__": doc})
+    section.__module__ = __name__
+    return section
+
+
+Hyper = params_section("Hyper", distill_config_fields(HYPER_FIELDS),
+                       "Distillation hyperparameters that may differ per ipc (docs/method.md section 7): "
+                       "ast_core.settings.HYPER_FIELDS of DistillConfig.")
+HYPER_KEYS = HYPER_FIELDS
 
 
 def check_hyper_keys(section: str, keys: Any, also: tuple[str, ...] = ()) -> None:
@@ -173,27 +179,14 @@ def check_hyper_keys(section: str, keys: Any, also: tuple[str, ...] = ()) -> Non
             raise ParamsError(f"{section}.{key}: not a distill.hyper key; allowed: {', '.join(allowed)}")
 
 
-@dataclass(frozen=True)
-class MethodParams:
-    """One distillation method = one ablation row: buffer, trajectory form and AST switches."""
-
-    buffer: str = "ast"
-    mct_anchors: int | None = None     # None: the plain stored trajectory; n: the n-anchor convexified one
-    sampling: str = "discrete"
-    init: str = "representative"
-    balanced_loss: bool = False
-    vartheta: float = 8.0
-    log_base: float = math.e
-    intermediate_matching: bool = False
-    intermediate_weights: str = "equal"
-    perturb_rho: float = 0.0
-    perturb_form: str = "paper"
-    intermediate_denominator: str = "unperturbed"
-    balance_middle: str = "half"
-    student_momentum: float = 0.0
-    gradient: str = "unroll"
-    hyper: dict[str, int | float] = field(default_factory=dict)   # this row's own distill.hyper values
-
+MethodParams = params_section("MethodParams", [
+    ("buffer", str, field(default="ast")),
+    ("mct_anchors", int | None, field(default=None)),   # None: the plain stored trajectory; n: n-anchor convexified
+    ("init", str, field(default="representative")),
+    *distill_config_fields(SWITCH_FIELDS),
+    ("hyper", dict[str, int | float], field(default_factory=dict)),   # this row's own distill.hyper values
+], "One distillation method = one ablation row: buffer, trajectory form, init and the switches "
+   "(ast_core.settings.SWITCH_FIELDS of DistillConfig).")
 
 METHOD_KEYS = tuple(f.name for f in dataclasses.fields(MethodParams))
 
@@ -389,8 +382,7 @@ class Params:
                                   (changes, self._origin(method, ipc, "", changes))):
             if overrides:
                 hyper = from_mapping(Hyper, {**dataclasses.asdict(hyper), **overrides}, origin)
-        switches = {k: v for k, v in dataclasses.asdict(chosen).items()
-                    if k not in ("buffer", "mct_anchors", "init", "hyper")}
+        switches = {key: getattr(chosen, key) for key in SWITCH_FIELDS}
         try:
             config = DistillConfig(ipc=ipc, seed=self.distill_seed, **dataclasses.asdict(hyper), **switches)
         except ValueError as error:
@@ -403,11 +395,20 @@ class Params:
         return config
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading exponent floats as YAML 1.2 does (DVC's reader and writer): `1e-05`, which
+    `dvc exp run -S key=1e-5` writes, is a number, not the text YAML 1.1 makes of it."""
+
+
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                   list("-+.0123456789"))
+
+
 def _read_yaml(file: Path, what: str) -> dict[str, Any]:
     if not file.is_file():
         raise ParamsError(f"{what}: {file} does not exist")
     try:
-        raw = yaml.safe_load(file.read_text())
+        raw = yaml.load(file.read_text(), Loader=Yaml12Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
         raise ParamsError(f"{what}: {file} is not valid YAML: {error}") from error
     if raw is not None and not isinstance(raw, dict):
@@ -426,10 +427,34 @@ def overlay(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+PROFILES = "profiles"
+
+
+def settings_yaml(params: Params) -> str:
+    """Every resolved setting as a complete params file (`ast-dd params`; loads back to the same Params)."""
+    return yaml.safe_dump(to_mapping(params), sort_keys=False)
+
+
+def overlay_file(profile: str | Path, root: Path | None = None) -> Path:
+    """A profile as a file: a path as given, or a bare name (``gpu``) as `<root>/profiles/<name>.yaml`."""
+    path = Path(profile)
+    if path.suffix or len(path.parts) > 1:
+        return path
+    return (root or Path.cwd()) / PROFILES / f"{profile}.yaml"
+
+
+def read_overlays(files: list[Path]) -> dict[str, Any]:
+    """The profiles' own settings merged in order (later files win), not yet applied to params.yaml."""
+    merged: dict[str, Any] = {}
+    for file in files:
+        merged = overlay(merged, _read_yaml(file, "--profile"))
+    return merged
+
+
 def load_params(path: str | Path = "params.yaml", profiles: list[str | Path] | tuple = ()) -> Params:
-    """Read and validate params.yaml with each profile overlay (only the keys it changes) merged on top, in
-    order; ParamsError names the first bad key."""
-    raw = _read_yaml(Path(path), "params")
-    for profile in profiles:
-        raw = overlay(raw, _read_yaml(Path(profile), "--profile"))
+    """Read and validate params.yaml with each profile overlay (only the keys it changes; a file or a name in
+    profiles/) merged on top, in order; ParamsError names the first bad key."""
+    path = Path(path)
+    raw = _read_yaml(path, "params")
+    raw = overlay(raw, read_overlays([overlay_file(profile, path.parent) for profile in profiles]))
     return from_mapping(Params, raw)

@@ -1,28 +1,39 @@
-"""`ast-dd run`: reproduce the DVC pipeline inside one MLflow parent run (the product's main job)."""
+"""How the CLI and the Prefect flows call DVC: one `run_dvc`, one way to write and check `-S` overrides, and
+`ast-dd run` (the product's main job: `dvc repro`, or a workspace `dvc exp run` with profile overlays)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from ast_core.io import atomic_write_text
 from pipeline import tracking
-from pipeline.params import Params
+from pipeline.params import Params, load_params, overlay_file, read_overlays
 from pipeline.schema import ParamsError
 
 log = logging.getLogger(__name__)
+TAIL_LINES = 40
 
 
 class StageFailed(RuntimeError):
-    """A DVC command of the pipeline exited non-zero (its own output says why)."""
+    """A DVC command of the pipeline exited non-zero (its output says why)."""
+
+
+def venv_command(name: str, *args: str) -> list[str]:
+    """`name` from this environment (next to the running Python) so the venv need not be activated."""
+    candidate = Path(sys.executable).with_name(name)
+    return [str(candidate) if candidate.exists() else name, *args]
 
 
 def dvc_command(*args: str) -> list[str]:
-    """`dvc` from this environment (next to the running Python) so the venv need not be activated."""
-    candidate = Path(sys.executable).with_name("dvc")
-    return [str(candidate) if candidate.exists() else "dvc", *args]
+    return venv_command("dvc", *args)
 
 
 def stage_environment() -> dict[str, str]:
@@ -33,24 +44,120 @@ def stage_environment() -> dict[str, str]:
     return env
 
 
-def run_dvc(*args: str) -> None:
+def run_dvc(args: Sequence[str], root: Path | None = None, env: Mapping[str, str] | None = None,
+            logger: logging.Logger | logging.LoggerAdapter | None = None) -> str:
+    """Run ``dvc <args>`` in `root` (default: here) with `env` (default: `stage_environment()`).
+
+    Without `logger` the output goes to this terminal (progress bars intact); with one, each line is logged
+    and the output returned. Raises StageFailed (with the last lines of output when logged) on failure.
+    """
     command = dvc_command(*args)
-    log.info("running %s", " ".join(command))
-    result = subprocess.run(command, env=stage_environment(), check=False)
-    if result.returncode != 0:
-        raise StageFailed(f"`{' '.join(command[1:])}` failed with exit status {result.returncode} (see above)")
+    (logger or log).info("running %s", " ".join(command))
+    env = dict(env) if env is not None else stage_environment()
+    if logger is None:
+        if subprocess.run(command, cwd=root, env=env, check=False).returncode:
+            raise StageFailed(f"`{' '.join(command[1:])}` failed (see above)")
+        return ""
+    lines: list[str] = []
+    with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line := line.rstrip():
+                lines.append(line)
+                logger.info("%s", line)
+    if process.returncode:
+        tail = "\n".join(lines[-TAIL_LINES:])
+        raise StageFailed(f"`{' '.join(command)}` exited with {process.returncode}:\n{tail}")
+    return "\n".join(lines)
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` options as a dict, values read as `dvc exp run -S` reads them (Hydra's override syntax:
+    ``distill.ipcs=[1,10]`` is a list, ``distill.hyper.lr_img=1e3`` a float)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    overrides = {}
+    for item in items or []:
+        try:
+            override = parser.parse_overrides([item])[0]
+        except HydraException as error:
+            raise ParamsError(f"--set: {item!r} must look like key=value ({error})") from error
+        if override.is_sweep_override() or override.value_type is None:
+            raise ParamsError(f"--set: {item!r} must give one value (sweeps: `ast-dd flow ablate`)")
+        overrides[override.key_or_group] = override.value()
+    return overrides
+
+
+def hydra_overrides(overrides: Mapping[str, Any], add: bool = False) -> list[str]:
+    """``key=value`` strings in the syntax of `dvc exp run -S` (values as JSON, which Hydra parses);
+    `add` writes ``++key=value``, which also adds keys params.yaml lacks (a profile's new row)."""
+    prefix = "++" if add else ""
+    return [f"{prefix}{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def flat_keys(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys to their leaf values: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def profile_overrides(profiles: Sequence[str | Path], root: Path | None = None) -> dict[str, Any]:
+    """The overlays' settings (later profiles win) as dotted keys, ready for `dvc exp run -S ++key=value`."""
+    return flat_keys(read_overlays([overlay_file(profile, root) for profile in profiles]))
+
+
+def overridden_params(params_file: Path, overrides: Mapping[str, Any], add: bool = False) -> str:
+    """params.yaml's text with `overrides` applied as `dvc exp run -S` applies them (comments kept), checked
+    by `load_params`: a bad key or value raises ParamsError naming it."""
+    from dvc.exceptions import DvcException
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    with tempfile.TemporaryDirectory(prefix="ast-dd-params-") as tmp:
+        candidate = Path(tmp) / "params.yaml"
+        candidate.write_bytes(params_file.read_bytes())
+        try:
+            dvc_apply_overrides(candidate, hydra_overrides(overrides, add))
+        except DvcException as error:  # Hydra's own message is the cause
+            raise ParamsError(f"overrides: {dict(overrides)!r} do not fit {params_file}: "
+                              f"{error.__cause__ or error}") from error
+        load_params(candidate)
+        return candidate.read_text()
+
+
+def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
+    """Write `overrides` into params.yaml, as a workspace `dvc exp run -S` does; nothing changes on error."""
+    if overrides:
+        atomic_write_text(params_file, overridden_params(params_file, overrides))
 
 
 def ensure_params_file(params_path: str) -> None:
     """DVC tracks params.yaml in the project root; another file would silently not be what runs."""
     if Path(params_path).resolve() != (tracking.project_root() / "params.yaml").resolve():
         raise ParamsError(f"--params: the pipeline reads params.yaml; copy {params_path} there first "
-                          f"(cp {params_path} params.yaml) or use `dvc exp run -S key=value`")
+                          f"(cp {params_path} params.yaml), or use --profile or `dvc exp run -S key=value`")
 
 
-def run_pipeline(params: Params, params_path: str, targets: list[str] | None = None, force: bool = False) -> None:
-    """`dvc repro [targets]` with stage runs nested under one MLflow run for this execution."""
+def run_pipeline(params: Params, params_path: str, targets: list[str] | None = None, force: bool = False,
+                 profiles: Sequence[str | Path] = ()) -> None:
+    """`dvc repro [targets]` with stage runs nested under one MLflow run for this execution. With profiles,
+    a workspace `dvc exp run` that writes the overlays' settings into params.yaml (as `-S ++key=value`), so
+    DVC records them and every stage reads them."""
     ensure_params_file(params_path)
+    options = [*(["--force"] if force else []), *(targets or [])]
+    if profiles:
+        overrides = profile_overrides(profiles, Path(params_path).resolve().parent)
+        overridden_params(Path(params_path), overrides, add=True)  # what DVC will write, checked first
+        args = ["exp", "run", *options, *(arg for o in hydra_overrides(overrides, add=True) for arg in ("-S", o))]
+    else:
+        args = ["repro", *options]
     with tracking.pipeline_run(params.tracking.experiment) as run_id:
         log.info("MLflow parent run %s", run_id)
-        run_dvc("repro", *(["--force"] if force else []), *(targets or []))
+        run_dvc(args)

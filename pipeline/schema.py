@@ -29,14 +29,14 @@ def _describe(tp: Any) -> str:
 
 
 def _yaml_number_hint(value: Any) -> str:
-    """Why a number written like 1e-5 arrives as text: YAML 1.1 (PyYAML) needs a dot and a signed exponent."""
+    """Why a number arrives as text: it was quoted in the file."""
     try:
         number = float(value) if isinstance(value, str) else math.nan
     except ValueError:
         number = math.nan
     if not math.isfinite(number):
         return ""
-    return f" (YAML 1.1 reads {value} as text; write it as {number:.1e}, with a dot and a signed exponent)"
+    return f" (quoted, so it is text; write {value} without quotes)"
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:

@@ -33,21 +33,23 @@ from typing import Any
 import pandas as pd
 import torch
 
+from ast_core.checkpoint import DistillCheckpoint
 from ast_core.data import DatasetSplits
-from ast_core.distill import DistillConfig, Distiller, DistillResult
+from ast_core.distill import DistillConfig, DistillResult
 from ast_core.evaluate import evaluate_synthetic
-from ast_core.experts import epoch_curve, grad_norm_curve, train_experts
+from ast_core.expert_reports import epoch_curve, grad_norm_curve, summarize_buffer
+from ast_core.experts import train_experts
 from ast_core.init import SyntheticInit, initial_synthetic_set
 from ast_core.io import atomic_write_json
 from ast_core.models import batched_features
 from ast_core.trajectory import convex_tag, convexify_buffer, list_buffer, load_buffer, read_metadata
 from ast_core.viz import plot_curves
 from pipeline.layout import ARTIFACTS, CHECKPOINTS, REPORT
-from pipeline.modelling import final_expert
+from pipeline.modelling import eval_spec, final_expert
 from pipeline.params import MethodParams, Params
 from pipeline.prepared import class_balanced_subset, load_prepared, resolve_device
 from pipeline.schema import ParamsError
-from pipeline.stages.buffer import DTYPES, expert_config
+from pipeline.stages.buffer import DTYPES, expert_config, expert_scheduler
 from pipeline.stages.distill import distill_set
 from pipeline.stages.report import write_table
 
@@ -109,14 +111,14 @@ def check(params: Params, kind: str) -> None:
         params.check_runnable(name, row)
 
 
-def train_buffers(params: Params, data: DatasetSplits, device: torch.device) -> None:
-    """Every variant's experts (resumable), and the convexified copies the MCT rows need."""
+def train_buffers(params: Params, data: DatasetSplits) -> None:
+    """Every variant's experts (resumable) with their reports, and the convexified copies the MCT rows need."""
     experts = class_balanced_subset(data, params.buffer.train_size, params.seed)
     for variant in params.buffer.train:
         log.info("study: experts of %s", variant)
         train_experts(experts, expert_config(params, variant), EXPERTS / variant, params.buffer.num_experts,
-                      seed=params.seed, workers=params.buffer.workers, device=device,
-                      dtype=DTYPES[params.buffer.storage_dtype], progress=True)
+                      seed=params.seed, dtype=DTYPES[params.buffer.storage_dtype], scheduler=expert_scheduler(params))
+        summarize_buffer(EXPERTS / variant, params.buffer.num_experts)
         for anchors in params.buffer.mct_anchors:
             convexify_buffer(EXPERTS / variant, anchors, params.buffer.mct_beta, limit=params.buffer.num_experts,
                              dtype=DTYPES[params.buffer.storage_dtype], out_dir=EXPERTS / variant / "convex")
@@ -131,11 +133,8 @@ def representative_features(params: Params, data: DatasetSplits, device: torch.d
 
 def test_accuracy(params: Params, images: torch.Tensor, labels: torch.Tensor, lr: float, data: DatasetSplits,
                   device: torch.device) -> dict[str, Any]:
-    result = evaluate_synthetic(images, labels, lr, data, arch=params.model.arch,
-                                num_models=params.evaluate.num_models, iterations=params.evaluate.iterations,
-                                seed=params.seed, protocol=params.evaluate.protocol,
-                                batch_size=params.evaluate.batch_size, device=str(device),
-                                width=params.model.width, eval_split="test")
+    result = evaluate_synthetic(images, labels, lr, data, eval_spec(params, "test"), seed=params.seed,
+                                device=str(device))
     return {"test_mean": result.mean, "test_std": result.std, "test_per_network": result.accuracies}
 
 
@@ -144,7 +143,7 @@ def run(params: Params, kind: str) -> pd.DataFrame:
     check(params, kind)
     device = resolve_device(params.device)
     data = load_prepared(params).data
-    train_buffers(params, data, device)
+    train_buffers(params, data)
     rows = rows_of(params, kind)
     features = None
     if any(row.init == "representative" for row in rows.values()):
@@ -186,21 +185,21 @@ def distil(params: Params, kind: str, name: str, row: MethodParams, config: Dist
 
 
 def _selection(result: DistillResult) -> dict[str, Any]:
-    return {"selected_iteration": result.best["iteration"], "distilled": bool(result.best["iteration"]),
-            "validation": result.validation, "syn_lr": float(result.best["syn_lr"])}
+    return {"selected_iteration": result.best.iteration, "distilled": result.best.distilled,
+            "validation": result.validation, "syn_lr": result.best.syn_lr}
 
 
 def _finish(kind: str, name: str, cell: dict[str, Any]) -> None:
     """Write the cell, then drop its resume checkpoint (a rerun must not resume a finished cell)."""
     atomic_write_json(_cell(kind, name), cell)
-    (_checkpoints(kind, name) / Distiller.CHECKPOINT_NAME).unlink(missing_ok=True)
+    DistillCheckpoint(_checkpoints(kind, name)).remove()
 
 
 def distil_cell(params: Params, kind: str, name: str, row: MethodParams, config: DistillConfig,
                 init: SyntheticInit, data: DatasetSplits, device: torch.device) -> dict[str, Any]:
     """One distillation and the test accuracy of the set kept on validation."""
     result = distil(params, kind, name, row, config, init, data, device)
-    scored = test_accuracy(params, result.best["images"], result.labels, float(result.best["syn_lr"]), data, device)
+    scored = test_accuracy(params, result.best.images, result.labels, result.best.syn_lr, data, device)
     return {"row": name.rsplit("-ipc", 1)[0], "ipc": config.ipc, "seed": config.seed, **_selection(result), **scored}
 
 

@@ -62,7 +62,7 @@ def test_launcher_without_a_project_venv_runs_ast_dd_from_path(tmp_path: Path) -
 @pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="the tests do not run in a virtualenv")
 def test_launcher_runs_this_installation_with_a_bare_path(tmp_path: Path) -> None:
     (tmp_path / ".venv").symlink_to(sys.prefix)
-    result = launch(tmp_path, SYSTEM_PATH, ROOT, "params", "--params", "profiles/tiny.yaml")
+    result = launch(tmp_path, SYSTEM_PATH, ROOT, "params", "--profile", "tiny")
     assert result.returncode == 0, result.stderr
     assert "dataset: digits" in result.stdout
 
@@ -78,7 +78,7 @@ def test_output_into_a_closed_pipe_ends_without_a_traceback() -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader has gone, as after `ast-dd params | head -1`
     try:
-        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "params", "--params", "profiles/tiny.yaml"],
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "params", "--profile", "tiny"],
                                 cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
     finally:
         os.close(write_end)

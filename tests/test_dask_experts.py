@@ -1,4 +1,4 @@
-"""Experts trained on a Dask cluster (2 worker processes) equal sequential `train_experts` on the CPU."""
+"""Experts trained on a Dask cluster (2 worker processes, `DaskScheduler`) equal sequential training on the CPU."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ast_core.expert_reports import summarize_buffer
 from ast_core.experts import ExpertConfig, train_experts
 from ast_core.trajectory import expert_path, load_trajectory
-from pipeline.distributed import train_experts_on_cluster
+from pipeline.distributed import DaskScheduler
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +27,19 @@ def test_cluster_buffer_is_identical_to_sequential_training(digits, tmp_path: Pa
     from dask.distributed import LocalCluster
 
     config = ExpertConfig(width=8, epochs=2, batch_size=256)
-    serial = train_experts(digits, config, tmp_path / "serial", num_experts=2, seed=3)
+    train_experts(digits, config, tmp_path / "serial", num_experts=2, seed=3)
+    serial = summarize_buffer(tmp_path / "serial")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster:
-        address = cluster.scheduler_address
-        distributed = train_experts_on_cluster(digits, config, tmp_path / "dask", num_experts=2, seed=3,
-                                               address=address)
+        dask = DaskScheduler(cluster.scheduler_address)
+        train_experts(digits, config, tmp_path / "dask", num_experts=2, seed=3, scheduler=dask)
+        distributed = summarize_buffer(tmp_path / "dask")
         expert_path(tmp_path / "dask", 1).unlink()
-        resumed = train_experts_on_cluster(digits, config, tmp_path / "dask", num_experts=2, seed=3, address=address)
+        train_experts(digits, config, tmp_path / "dask", num_experts=2, seed=3, scheduler=dask)
+        resumed = summarize_buffer(tmp_path / "dask")
         with pytest.raises(ValueError, match="expert_000.safetensors exists"):
-            train_experts_on_cluster(digits, ExpertConfig(width=8, epochs=2, lr=0.02), tmp_path / "dask",
-                                     num_experts=1, seed=3, address=address)
+            train_experts(digits, ExpertConfig(width=8, epochs=2, lr=0.02), tmp_path / "dask", num_experts=1, seed=3,
+                          scheduler=dask)
     assert without_timing(distributed) == without_timing(serial) == without_timing(resumed)
     for index in range(2):
         ours, theirs = (load_trajectory(expert_path(tmp_path / name, index)) for name in ("dask", "serial"))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import ast_core.experts as experts
-from ast_core.experts import ExpertConfig, make_optimizer, train_expert, train_experts
+from ast_core.expert_reports import summarize_buffer
+from ast_core.experts import ExpertConfig, LocalScheduler, make_optimizer, train_expert, train_experts
 from ast_core.trajectory import avg_var, expert_path, load_trajectory, step_sq_norms
 
 TINY = ExpertConfig(width=16, epochs=2, batch_size=64)
@@ -83,7 +84,8 @@ def test_config_validation_names_the_field(field: str, value: object) -> None:
         ExpertConfig(**{field: value})
 
 
-def test_train_experts_resumes_and_writes_reports(digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_experts_resumes_and_the_reports_summarise_the_folder(digits, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     config = ExpertConfig(width=8, epochs=2, batch_size=128, optimizer="sgd", clip_ce=False, grad_penalty=False)
     train_experts(digits, config, tmp_path, num_experts=1, seed=7)
     first = load_trajectory(expert_path(tmp_path, 0))
@@ -95,13 +97,14 @@ def test_train_experts_resumes_and_writes_reports(digits, tmp_path: Path, monkey
         return real(data, cfg, seed, **kwargs)
 
     monkeypatch.setattr(experts, "train_expert", counting)
-    summary = train_experts(digits, config, tmp_path, num_experts=2, seed=7, dtype=torch.float16)
+    train_experts(digits, config, tmp_path, num_experts=2, seed=7, dtype=torch.float16)
     assert calls == [8]  # expert 0 (seed 7) was kept
     assert torch.equal(load_trajectory(expert_path(tmp_path, 0)).checkpoints, first.checkpoints)
     second = load_trajectory(expert_path(tmp_path, 1))
     assert second.checkpoints.dtype == torch.float16 and second.metadata["seed"] == 8
     assert second.metadata["param_shapes"][0] == [8, 1, 3, 3] and second.metadata["history"]["gp"] == [None] * 2
 
+    summary = summarize_buffer(tmp_path)
     assert summary["num_experts"] == 2 and summary["seeds"] == [7, 8]
     assert summary["avg_var"]["per_expert"][0] == pytest.approx(avg_var(first), rel=1e-9)
     assert json.loads((tmp_path / "summary.json").read_text())["test_acc"]["mean"] == summary["test_acc"]["mean"]
@@ -115,12 +118,33 @@ def test_train_experts_resumes_and_writes_reports(digits, tmp_path: Path, monkey
         train_experts(digits, ExpertConfig(width=8, epochs=2, lr=0.02), tmp_path, num_experts=1, seed=7)
 
 
+def test_a_scheduler_gets_only_the_missing_experts(digits, tmp_path: Path) -> None:
+    class Recording:
+        def __init__(self) -> None:
+            self.jobs: list = []
+
+        def run(self, data, jobs) -> None:
+            self.jobs.extend(jobs)
+            LocalScheduler().run(data, jobs)
+
+    config = ExpertConfig(width=8, epochs=1, batch_size=256)
+    train_experts(digits, config, tmp_path, num_experts=1, seed=5)
+    scheduler = Recording()
+    train_experts(digits, config, tmp_path, num_experts=3, seed=5, scheduler=scheduler)
+    assert [(job.index, job.seed, job.path) for job in scheduler.jobs] == [(i, 5 + i, expert_path(tmp_path, i))
+                                                                           for i in (1, 2)]
+    train_experts(digits, config, tmp_path, num_experts=3, seed=5, scheduler=scheduler)  # nothing left to train
+    assert len(scheduler.jobs) == 2
+    with pytest.raises(ValueError, match="workers=0"):
+        LocalScheduler(workers=0)
+
+
 @pytest.mark.slow
 def test_parallel_workers_match_serial_training(digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = ExpertConfig(width=8, epochs=1, batch_size=256)
     monkeypatch.setattr(experts.os, "cpu_count", lambda: 2)  # 2 workers x 1 thread, like this serial run
     train_experts(digits, config, tmp_path / "serial", num_experts=2)
-    train_experts(digits, config, tmp_path / "parallel", num_experts=2, workers=2)
+    train_experts(digits, config, tmp_path / "parallel", num_experts=2, scheduler=LocalScheduler(workers=2))
     for index in range(2):
         serial = load_trajectory(expert_path(tmp_path / "serial", index))
         parallel = load_trajectory(expert_path(tmp_path / "parallel", index))
@@ -164,7 +188,8 @@ def test_lr_step_rebuilds_the_optimiser_only_when_asked(digits, monkeypatch: pyt
 
 
 def test_summary_and_figure_carry_the_gradient_norms(tmp_path: Path, digits) -> None:
-    summary = train_experts(digits, ExpertConfig(width=8, epochs=1, batch_size=256), tmp_path, num_experts=1)
+    train_experts(digits, ExpertConfig(width=8, epochs=1, batch_size=256), tmp_path, num_experts=1)
+    summary = summarize_buffer(tmp_path, 1)
     assert summary["grad_norm_mean"]["mean"] > 0 and summary["grad_norm_init"]["mean"] > 0
     assert (tmp_path / "grad_norm.png").is_file()
     with open(tmp_path / "metrics.csv") as handle:

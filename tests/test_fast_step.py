@@ -74,8 +74,9 @@ def tiny_problem(syn_steps: int, gradient: str = "unroll", dsa: str = "color_cro
     flat_model = FlatModel(build_model("convnet", 1, 10, 28, width=4).double())
     start = flat_model.flatten()
     target = start + 0.02 * torch.randn(start.shape, dtype=torch.float64)
-    config = DistillConfig(ipc=2, iterations=1, syn_steps=syn_steps, expert_epochs=1, max_start_epoch=1,
-                           lr_teacher=lr_teacher, dsa_strategy=dsa, gradient=gradient, **overrides)
+    config = DistillConfig(**{"ipc": 2, "iterations": 1, "syn_steps": syn_steps, "expert_epochs": 1,
+                              "max_start_epoch": 1, "lr_teacher": lr_teacher, "dsa_strategy": dsa,
+                              "gradient": gradient, **overrides})
     images = torch.randn(20, 1, 28, 28, dtype=torch.float64)
     labels = torch.arange(10).repeat_interleave(2)
     distiller = Distiller(config, [LinearTrajectory([start, target])], flat_model, images, labels)
@@ -84,20 +85,22 @@ def tiny_problem(syn_steps: int, gradient: str = "unroll", dsa: str = "color_cro
 
 def distiller_gradients(distiller: Distiller, start: torch.Tensor, target: torch.Tensor,
                         nu: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, images grad, lr grad) of one Distiller iteration without applying the update."""
-    loss, _ = distiller._loss_and_gradients(start.clone(), {1: target}, start, nu)
-    return loss.detach(), distiller.images.grad.clone(), distiller.syn_lr.grad.clone()
+    """(loss, images grad, lr grad) of one matching iteration without applying the update."""
+    engine = distiller.engine
+    loss, _ = engine.loss_and_gradients(start.clone(), {1: target}, start, nu)
+    return loss.detach(), engine.images.grad.clone(), engine.syn_lr.grad.clone()
 
 
 def test_distiller_gradients_equal_the_mtt_reference_step() -> None:
     distiller, start, target = tiny_problem(syn_steps=3, batch_syn=7)
-    state = distiller.generator.get_state()
+    engine = distiller.engine
+    state = engine.generator.get_state()
     loss, image_grad, lr_grad = distiller_gradients(distiller, start, target)
-    distiller.generator.set_state(state)
-    batches = distiller._batches()
+    engine.generator.set_state(state)
+    batches = engine.batches()
     ref_loss, ref_image_grad, ref_lr_grad = reference_step.reference_gradients(
-        reference_step.ReparamModule(distiller.flat_model.module), distiller.images, distiller.labels, batches,
-        start, target, distiller.syn_lr, lambda x, g: distiller.dsa(x, generator=g), distiller.generator)
+        reference_step.ReparamModule(engine.flat_model.module), engine.images, engine.labels, batches,
+        start, target, engine.syn_lr, lambda x, g: engine.dsa(x, generator=g), engine.generator)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-10)
     assert relative_error(image_grad, ref_image_grad) < 1e-8
     assert lr_grad.item() == pytest.approx(ref_lr_grad.item(), rel=1e-8)

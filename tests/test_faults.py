@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import tiny_params_text, write_tiny_params
 
 from ast_core.trajectory import read_metadata
 from pipeline.cli import main
@@ -25,7 +26,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory with the tiny profile and a private MLflow store and data cache."""
-    shutil.copy(ROOT / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
+    write_tiny_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AST_DD_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -126,7 +127,7 @@ def stage_env(path: Path) -> dict[str, str]:
 
 
 def copy_profile(path: Path, **changes) -> None:
-    params = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    params = yaml.safe_load(tiny_params_text())
     for dotted, value in changes.items():
         *parents, last = dotted.split("__")
         node = params
@@ -167,7 +168,7 @@ def test_buffer_killed_mid_run_resumes_to_identical_experts(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_distill_killed_mid_run_resumes_to_identical_images(tmp_path: Path) -> None:
     base = tmp_path / "base"
-    copy_profile(base, distill__hyper__iterations=12, distill__checkpoint_every=2, distill__eval_every=0,
+    copy_profile(base, distill__per_ipc__1__iterations=12, distill__checkpoint_every=2, distill__eval_every=0,
                  distill__methods=["ast"])
     env = stage_env(base)
     for command in (["ast-dd", "prepare"], ["ast-dd", "buffer"], ["ast-dd", "init"]):

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tiny import write_tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,7 +64,7 @@ def scratch_project(path: Path, files: dict[str, str], copies: tuple[str, ...] =
     for item in copies:
         source = ROOT / item
         (shutil.copytree if source.is_dir() else shutil.copy)(source, path / item)
-    shutil.copy(ROOT / "profiles" / "tiny.yaml", path / "params.yaml")
+    write_tiny_params(path)
     for name, text in {".gitignore": "__pycache__/\n/cache/\nmlflow.db\n/mlartifacts/\n", **files}.items():
         (path / name).write_text(text)
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
@@ -330,7 +331,7 @@ def test_serve_rejects_unusable_ports_before_starting_anything(ports: list[str],
                                                               monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     from pipeline.cli import main
 
-    shutil.copy(ROOT / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
+    write_tiny_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert main(["serve", *ports]) == 2
     assert message in caplog.text

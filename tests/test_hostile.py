@@ -18,6 +18,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from tiny import tiny_params_text
 
 from ast_core.distill import DistillConfig, Distiller, DivergenceError
 from ast_core.trajectory import load_buffer, load_trajectory, save_trajectory
@@ -31,7 +32,7 @@ AS_ROOT = os.geteuid() == 0
 
 def write_params(folder: Path, **changes: object) -> None:
     """folder/params.yaml: the tiny profile with one buffer and one method (ast), plus `changes` (dotted keys)."""
-    params = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    params = yaml.safe_load(tiny_params_text())
     params["buffer"]["train"], params["distill"]["methods"] = ["ast"], ["ast"]
     for dotted, value in changes.items():
         *parents, last = dotted.split(".")

@@ -25,13 +25,14 @@ SETTINGS_NAMES = (
     "CORESET_METHODS", "BETA_MODES", "OPTIMIZERS", "GP_NORMS", "GP_SIDES", "CLIP_SCHEDULES",
     "SAMPLING", "INTERMEDIATE_WEIGHTS", "GRADIENT_MODES", "PERTURB_FORMS", "DENOMINATORS", "BALANCE_MIDDLES",
     "DEFAULT_STRATEGY", "FAMILIES", "DistillConfig", "ExpertConfig", "parse_dsa_strategy", "dsa_strategy_for",
-    "check_balance",
+    "check_balance", "EVAL_SPLITS", "EvalSpec",
 )
 
 # (module, name) pairs existing callers import: they must stay importable and be the settings' own objects.
 REEXPORTS = (
     ("ast_core.data", "DATASETS"), ("ast_core.data", "IMAGENET_SUBSETS"), ("ast_core.distill", "DistillConfig"),
-    ("ast_core.experts", "ExpertConfig"), ("ast_core.evaluate", "PROTOCOLS"), ("ast_core.init", "INIT_METHODS"),
+    ("ast_core.experts", "ExpertConfig"), ("ast_core.evaluate", "PROTOCOLS"),
+    ("ast_core.evaluate", "EVAL_SPLITS"), ("ast_core.evaluate", "EvalSpec"), ("ast_core.init", "INIT_METHODS"),
     ("ast_core.models", "ARCHITECTURES"), ("ast_core.trajectory", "BETA_MODES"),
     ("ast_core.baselines", "CORESET_METHODS"), ("ast_core.augment", "FAMILIES"),
     ("ast_core.augment", "DEFAULT_STRATEGY"), ("ast_core.augment", "dsa_strategy_for"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shlex
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,54 @@ def with_change(path: str, value) -> dict:
     return data
 
 
-@pytest.mark.parametrize("profile", ["params.yaml", "profiles/tiny.yaml", "profiles/gpu.yaml"])
-def test_shipped_profiles_are_valid(profile: str) -> None:
-    load_params(ROOT / profile)
+def documented_commands(profile: Path) -> list[list[str]]:
+    """The commands a profile's header comment gives on lines of their own (`ast-dd ...` or
+    `.venv/bin/ast-dd ...`, continued with a backslash), as argument lists."""
+    lines = [line.lstrip("#").strip() for line in profile.read_text().splitlines() if line.startswith("#")]
+    text = "\n".join(lines).replace("\\\n", " ")
+    return [shlex.split(line) for line in text.splitlines() if line.startswith(("ast-dd ", ".venv/bin/ast-dd "))]
+
+
+def test_default_params_are_valid() -> None:
+    load_params(ROOT / "params.yaml")
+
+
+def test_exponent_floats_read_as_dvc_writes_them(tmp_path: Path) -> None:
+    """`dvc exp run -S distill.hyper.lr_lr=1e-5` writes 1e-05, text to YAML 1.1 but a number to DVC."""
+    text = (ROOT / "params.yaml").read_text().replace("lr_lr: 1.0e-07", "lr_lr: 1e-05", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").distill.hyper.lr_lr == 1e-5
+    (tmp_path / "params.yaml").write_text(text.replace("lr_lr: 1e-05", "lr_lr: '1e-5'", 1))
+    with pytest.raises(ParamsError, match=r"distill.hyper.lr_lr: expected a number, got '1e-5' \(quoted, so it is "
+                                          r"text; write 1e-5 without quotes\)"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "profiles").glob("*.yaml")))
+def test_each_profile_resolves_to_a_valid_parameter_set_as_its_header_documents(profile: str) -> None:
+    commands = documented_commands(ROOT / "profiles" / profile)
+    assert commands, f"profiles/{profile} documents no `ast-dd ... --profile` command"
+    for command in commands:
+        overlays = [value for option, value in zip(command, command[1:], strict=False) if option == "--profile"]
+        assert any(Path(o).stem == Path(profile).stem for o in overlays), command
+        params = load_params(ROOT / "params.yaml", [ROOT / o if "/" in o else o for o in overlays])
+        if command[1] == "study":
+            from pipeline import study
+
+            study.check(params, command[2])
+        assert Path(command[0]).name == "ast-dd"
+
+
+def test_overlay_profiles_hold_only_what_differs_from_params_yaml() -> None:
+    """A profile that repeats a value of params.yaml would silently pin it when params.yaml changes."""
+    def same(base: object, overlay: object, key: str) -> list[str]:
+        if isinstance(base, dict) and isinstance(overlay, dict):
+            return [k for name in overlay if name in base for k in same(base[name], overlay[name], f"{key}.{name}")]
+        return [key] if base == overlay and not isinstance(overlay, dict) else []
+
+    for name in ("tiny", "gpu"):
+        overlay = yaml.safe_load((ROOT / "profiles" / f"{name}.yaml").read_text())
+        assert same(DEFAULT, overlay, name) == []
 
 
 BAD = [
@@ -99,7 +145,6 @@ BAD = [
     ("distill.methods", [], "distill.methods: list at least one distill.configs row"),
     ("distill.num_experts", 0, "distill.num_experts: 0 must be a positive integer or null"),
     ("distill.eval_models", 0, "distill.eval_models: 0 must be an integer >= 1"),
-    ("distill.hyper.lr_lr", "1e-5", "distill.hyper.lr_lr: expected a number, got '1e-5' (YAML 1.1 reads 1e-5 as text"),
     ("distill.hyper.lr_img", float("inf"), "distill.hyper.lr_img: inf must be a finite number"),
     ("data.zca_eps", float("nan"), "data.zca_eps: nan must be a finite number"),
     ("buffer.variants.ast.gp_target", float("nan"), "buffer.variants.ast.gp_target: nan must be a finite number"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import write_tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,7 +36,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     for item in ("ast_core", "pipeline", "bin", "dvc.yaml"):
         source = ROOT / item
         (shutil.copytree if source.is_dir() else shutil.copy)(source, path / item)
-    shutil.copy(ROOT / "profiles" / "tiny.yaml", path / "params.yaml")
+    write_tiny_params(path)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "AST_DD_CACHE": str(path / "cache"),
            "OMP_NUM_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from tiny import write_tiny_params
 
 from pipeline import study
 from pipeline.params import load_params
@@ -17,7 +17,7 @@ from pipeline.schema import ParamsError
 from pipeline.stages import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAY = {"buffer": {"num_experts": 1, "epochs": 4}, "distill": {"hyper": {"iterations": 2}, "eval_every": 1},
+OVERLAY = {"buffer": {"num_experts": 1, "epochs": 4}, "distill": {"per_ipc": {"1": {"iterations": 2}}, "eval_every": 1},
            "evaluate": {"num_models": 1, "iterations": 5},
            "study": {"method": "mtt", "rows": ["mtt", "mct2", "rep_init"], "seeds": [0, 1]}}
 
@@ -26,7 +26,7 @@ OVERLAY = {"buffer": {"num_experts": 1, "epochs": 4}, "distill": {"hyper": {"ite
 def project(tmp_path_factory: pytest.TempPathFactory):
     """A scratch folder holding the tiny profile and the overlay; the studies run in it."""
     path = tmp_path_factory.mktemp("study")
-    shutil.copy(ROOT / "profiles" / "tiny.yaml", path / "params.yaml")
+    write_tiny_params(path)
     (path / "overlay.yaml").write_text(yaml.safe_dump(OVERLAY))
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.chdir(path)
@@ -110,7 +110,7 @@ def test_sweep_num_experts_limits_the_trajectories_matched(project, monkeypatch)
 def test_bad_sweep_grid_is_rejected_when_params_load(tmp_path: Path, change: dict, message: str) -> None:
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(change))
     with pytest.raises(ParamsError, match=message):
-        load_params(ROOT / "profiles" / "tiny.yaml", [tmp_path / "overlay.yaml"])
+        load_params(ROOT / "params.yaml", ["tiny", tmp_path / "overlay.yaml"])
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -120,7 +120,7 @@ def test_bad_sweep_grid_is_rejected_when_params_load(tmp_path: Path, change: dic
 ])
 def test_bad_sweep_settings_fail_before_compute(tmp_path: Path, change: dict, message: str) -> None:
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(change))
-    params = load_params(ROOT / "profiles" / "tiny.yaml", [tmp_path / "overlay.yaml"])
+    params = load_params(ROOT / "params.yaml", ["tiny", tmp_path / "overlay.yaml"])
     with pytest.raises(ParamsError, match=message):
         study.check(params, "sweep")
 
@@ -133,7 +133,7 @@ def test_bad_sweep_settings_fail_before_compute(tmp_path: Path, change: dict, me
 ])
 def test_bad_study_settings_fail_before_compute(tmp_path: Path, change: dict, message: str) -> None:
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(change))
-    params = load_params(ROOT / "profiles" / "tiny.yaml", [tmp_path / "overlay.yaml"])
+    params = load_params(ROOT / "params.yaml", ["tiny", tmp_path / "overlay.yaml"])
     kind = "buffers" if "method" in change["study"] else "modules"
     with pytest.raises(ParamsError, match=message):
         study.check(params, kind)

@@ -22,8 +22,8 @@ def test_tesla_is_the_unroll_with_each_steps_start_held_constant() -> None:
     """TESLA's definition for any N: autograd through the unroll with theta_{i-1} detached inside step i."""
     tesla = distiller_gradients(*tiny_problem(syn_steps=4, batch_syn=10, gradient="tesla"), nu=1.3)
     distiller, start, target = tiny_problem(syn_steps=4, batch_syn=10)
-    step = distiller.step_gradient
-    distiller.step_gradient = lambda flat, x, labels: step(flat.detach(), x, labels)
+    step = distiller.engine.step_gradient
+    distiller.engine.step_gradient = lambda flat, x, labels: step(flat.detach(), x, labels)
     definition = distiller_gradients(distiller, start, target, nu=1.3)
     assert relative_error(tesla[1], definition[1]) < 1e-10
     assert tesla[2].item() == pytest.approx(definition[2].item(), rel=1e-6)
@@ -42,8 +42,7 @@ def test_tesla_approximates_the_unrolled_gradient_for_several_steps() -> None:
 
 def test_tesla_run_with_ast_modules_learns_and_records_history() -> None:
     distiller, _, _ = tiny_problem(syn_steps=3, gradient="tesla", balanced_loss=True, perturb_rho=0.1,
-                                   batch_syn=8, dsa="none")
-    distiller.config = DistillConfig(**{**distiller.config.__dict__, "iterations": 3})
+                                   batch_syn=8, dsa="none", iterations=3)
     result = distiller.run()
     assert len(result.history) == 3 and not any(row["skipped"] for row in result.history)
     assert torch.isfinite(result.images).all() and result.syn_lr > 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from tiny import write_tiny_params
 
 from pipeline import tracking
 from pipeline.cli import main
@@ -166,7 +166,7 @@ def test_runs_of_a_killed_process_are_marked_killed_at_the_next_start(project: P
 
 @pytest.fixture
 def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    shutil.copy(ROOT / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
+    write_tiny_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AST_DD_CACHE", str(tmp_path / "cache"))
     return tmp_path

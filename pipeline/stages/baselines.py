@@ -9,6 +9,7 @@ architecture (``<subset>_ipc<k>.<arch>.mean``, ``full_data.<arch>.mean``) for `d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from tqdm.auto import tqdm
@@ -18,7 +19,7 @@ from ast_core.evaluate import evaluate_synthetic, train_on_real
 from ast_core.io import atomic_write_json
 from pipeline import tracking
 from pipeline.layout import BASELINES
-from pipeline.modelling import final_expert
+from pipeline.modelling import eval_spec, final_expert
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
@@ -40,6 +41,7 @@ def run(params: Params) -> None:
         expert = final_expert(params, data.info, params.init.buffer, params.init.expert_index, device)
         features = expert_features(expert, data.train_x, device, "baselines: expert features")
         lr = params.buffer.variant(params.init.buffer).lr
+        spec = eval_spec(params, "test")
         rows, scalars = [], {}
         subsets = tqdm([(method, ipc) for ipc in params.distill.ipcs for method in ev.baselines],
                        desc="baselines", unit="subset")
@@ -47,20 +49,16 @@ def run(params: Params) -> None:
             subsets.set_postfix_str(f"{method} ipc{ipc}")
             index = select_coreset(method, data.train_x, data.train_y, data.info.num_classes, ipc,
                                    features=features, seed=params.seed)
-            result = evaluate_synthetic(data.train_x[index], data.train_y[index], lr, data, arch=arch,
-                                        num_models=ev.num_models, iterations=ev.iterations, seed=params.seed,
-                                        protocol=ev.protocol, batch_size=ev.batch_size, device=str(device),
-                                        width=params.model.width, progress=f"baseline {method} ipc{ipc}")
+            result = evaluate_synthetic(data.train_x[index], data.train_y[index], lr, data, spec, seed=params.seed,
+                                        device=str(device), progress=f"baseline {method} ipc{ipc}")
             rows.append({"method": method, "ipc": ipc, **result.as_dict()})
             scalars[metric_key(method, ipc)] = {arch: scores(result)}
             tracker.log_metrics({f"{method}_ipc{ipc}_mean": result.mean, f"{method}_ipc{ipc}_std": result.std})
             log.info("baseline %s ipc %d: %.2f ± %.2f", method, ipc, result.mean, result.std)
         full = None
         if ev.full_data_epochs:
-            result = train_on_real(data, arch=arch, epochs=ev.full_data_epochs,
-                                   lr=lr, num_models=1, seed=params.seed,
-                                   batch_size=ev.batch_size, device=str(device), width=params.model.width,
-                                   progress="full training split")
+            result = train_on_real(data, dataclasses.replace(spec, num_models=1), epochs=ev.full_data_epochs,
+                                   lr=lr, seed=params.seed, device=str(device), progress="full training split")
             full, scalars["full_data"] = result.as_dict(), {arch: scores(result)}
             tracker.log_metrics({"full_data_mean": result.mean})
         atomic_write_json(BASELINES / "results.json", {"protocol": protocol_note(params), "coresets": rows,

@@ -10,11 +10,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ast_core.experts import GRAD_NORM_KEYS, ExpertConfig, train_experts
+from ast_core.expert_reports import summarize_buffer
+from ast_core.experts import GRAD_NORM_KEYS, ExpertConfig, ExpertScheduler, LocalScheduler, train_experts
 from ast_core.io import atomic_write_json
 from ast_core.trajectory import list_buffer, read_metadata
 from pipeline import tracking
-from pipeline.distributed import train_experts_on_cluster
+from pipeline.distributed import DaskScheduler
 from pipeline.layout import buffer_dir
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
@@ -31,6 +32,14 @@ def expert_config(params: Params, variant: str) -> ExpertConfig:
     return dataclasses.replace(params.buffer.variant(variant), arch=params.model.arch, width=params.model.width,
                                depth=params.model.depth, epochs=params.buffer.epochs,
                                batch_size=params.buffer.batch_size, zca=params.data.zca)
+
+
+def expert_scheduler(params: Params) -> ExpertScheduler:
+    """Where experts train: on the Dask scheduler `buffer.cluster` when set (the workers pick their own GPUs; this
+    machine may have none), else here with `buffer.workers` processes."""
+    if params.buffer.cluster:
+        return DaskScheduler(params.buffer.cluster, device=None if params.device == "auto" else params.device)
+    return LocalScheduler(workers=params.buffer.workers, device=resolve_device(params.device), progress=True)
 
 
 def data_signature(params: Params) -> dict:
@@ -82,15 +91,9 @@ def run(params: Params, variant: str) -> None:
         atomic_write_json(folder / SIGNATURE, data_signature(params))
         prepared = load_prepared(params)
         data = class_balanced_subset(prepared.data, params.buffer.train_size, params.seed)
-        if params.buffer.cluster:  # the workers pick their own GPUs; this machine may have none
-            summary = train_experts_on_cluster(data, config, folder, params.buffer.num_experts, seed=params.seed,
-                                               address=params.buffer.cluster,
-                                               device=None if params.device == "auto" else params.device,
-                                               dtype=DTYPES[params.buffer.storage_dtype])
-        else:
-            summary = train_experts(data, config, folder, params.buffer.num_experts, seed=params.seed,
-                                    workers=params.buffer.workers, device=resolve_device(params.device),
-                                    dtype=DTYPES[params.buffer.storage_dtype], progress=True)
+        train_experts(data, config, folder, params.buffer.num_experts, seed=params.seed,
+                      dtype=DTYPES[params.buffer.storage_dtype], scheduler=expert_scheduler(params))
+        summary = summarize_buffer(folder, params.buffer.num_experts)
         sizes = {"plain": sum(p.stat().st_size for p in list_buffer(folder))}
         log_buffer_metrics(tracker, folder, summary, sizes)
         tracker.log_artifacts(sorted(folder.glob("*.png")) + sorted(folder.glob("*.csv"))

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ast_core.checkpoint import DistillCheckpoint
 from ast_core.data import DatasetSplits
-from ast_core.distill import DistillConfig, Distiller, DistillResult, Evaluator, changed_settings
+from ast_core.distill import DistillConfig, Distiller, DistillResult, Evaluator
 from ast_core.evaluate import evaluate_synthetic
 from ast_core.init import SyntheticInit, initial_synthetic_set
 from ast_core.io import atomic_write_csv, atomic_write_json, atomic_write_with
@@ -39,7 +40,7 @@ from pipeline.layout import (
     distill_timing_file,
     init_file,
 )
-from pipeline.modelling import student
+from pipeline.modelling import eval_spec, student
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
@@ -53,16 +54,10 @@ WALL_CLOCK = ("seconds",)  # history fields a rerun cannot reproduce: MLflow onl
 
 def discard_mismatched_checkpoint(config: DistillConfig, folder: Path) -> None:
     """A checkpoint from other settings cannot be resumed: start this cell over instead of failing."""
-    path = folder / Distiller.CHECKPOINT_NAME
-    if not path.is_file():
-        return
-    try:
-        saved = torch.load(path, weights_only=True, map_location="cpu")["config"]
-    except Exception as error:  # truncated or foreign file: say which, never guess
-        raise ValueError(f"checkpoint {path} cannot be read ({error}); delete it to start this cell over") from error
-    if changed_settings(saved, config):
-        log.info("settings changed since %s was written: starting this cell from scratch", path)
-        path.unlink()
+    checkpoint = DistillCheckpoint(folder)
+    if checkpoint.differing_settings(config):
+        log.info("settings changed since %s was written: starting this cell from scratch", checkpoint.path)
+        checkpoint.remove()
 
 
 def check_buffer_matches(trajectories: list, flat_model: FlatModel, folder: Path) -> None:
@@ -103,8 +98,8 @@ def run(params: Params, method: str, ipc: int) -> None:
         init = initial_images(params, chosen.init, ipc, data)
         result = distill_set(params, config, trajectories, init, data, device, checkpoints,
                              buffer_dir(chosen.buffer))
-        best_images = result.best["images"] if result.best else result.images
-        best_lr = float(result.best["syn_lr"]) if result.best else result.syn_lr
+        best_images = result.best.images if result.best else result.images
+        best_lr = result.best.syn_lr if result.best else result.syn_lr
         tensors = {"images": best_images.cpu().contiguous(), "final_images": result.images.cpu().contiguous(),
                    "labels": result.labels.cpu().contiguous(), "syn_lr": torch.tensor([best_lr]),
                    "final_syn_lr": torch.tensor([result.syn_lr])}
@@ -114,9 +109,10 @@ def run(params: Params, method: str, ipc: int) -> None:
         atomic_write_csv(out / "history.csv", untimed(result.history))
         atomic_write_csv(out / "validation.csv", result.validation, columns=("iteration", "val_acc"))
         history = result.history
-        distilled = bool(result.best.get("iteration"))
-        summary = {"method": method, "ipc": ipc, "distilled": distilled, "best_iteration": result.best.get("iteration"),
-                   "best_val_acc": result.best.get("val_acc"),
+        distilled = result.best is not None and result.best.distilled
+        summary = {"method": method, "ipc": ipc, "distilled": distilled,
+                   "best_iteration": result.best.iteration if result.best else None,
+                   "best_val_acc": result.best.val_acc if result.best else None,
                    "initial_val_acc": next((r["val_acc"] for r in result.validation if r["iteration"] == 0), None),
                    "syn_lr": best_lr, "final_syn_lr": result.syn_lr,
                    "iterations": config.iterations, "skipped_iterations": int(sum(r["skipped"] for r in history)),
@@ -131,7 +127,7 @@ def run(params: Params, method: str, ipc: int) -> None:
         tracker.log_artifacts([out / name for name in ("grid.png", "final_grid.png", "history.csv", "validation.csv",
                                                        "result.json")])
         # DVC reruns a finished cell only when a dependency changed: resuming would hand back the old result
-        (checkpoints / Distiller.CHECKPOINT_NAME).unlink(missing_ok=True)
+        DistillCheckpoint(checkpoints).remove()
         if distilled:
             log.info("distilled %s ipc %d: best val acc %s at iteration %s", method, ipc, summary["best_val_acc"],
                      summary["best_iteration"])
@@ -147,12 +143,10 @@ def untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
 
 def validation_evaluator(params: Params, data: DatasetSplits, device: torch.device) -> Evaluator:
     """Validation accuracy of a synthetic set (model selection; never the test split)."""
+    spec = eval_spec(params, "val")
+
     def validation_accuracy(images: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
-        return evaluate_synthetic(images, labels, lr, data, arch=params.model.arch,
-                                  num_models=params.distill.eval_models, iterations=params.distill.eval_iterations,
-                                  seed=params.seed, protocol=params.evaluate.protocol,
-                                  batch_size=params.evaluate.batch_size, device=str(device),
-                                  width=params.model.width, eval_split="val").mean
+        return evaluate_synthetic(images, labels, lr, data, spec, seed=params.seed, device=str(device)).mean
     return validation_accuracy
 
 

@@ -18,6 +18,7 @@ from ast_core.evaluate import EvalResult, evaluate_synthetic
 from ast_core.io import atomic_write_json
 from pipeline import tracking
 from pipeline.layout import distill_dir, evaluate_dir
+from pipeline.modelling import eval_spec
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
@@ -67,11 +68,8 @@ def run(params: Params, method: str, ipc: int) -> None:
         lr = float(synthetic["syn_lr"][0])
         results, scalars = {}, {}
         for arch in params.evaluate.archs:
-            result = evaluate_synthetic(synthetic["images"], synthetic["labels"], lr, data, arch=arch,
-                                        num_models=params.evaluate.num_models, iterations=params.evaluate.iterations,
-                                        seed=params.seed, protocol=params.evaluate.protocol,
-                                        batch_size=params.evaluate.batch_size, device=str(device),
-                                        width=params.model.width, eval_split="test",
+            result = evaluate_synthetic(synthetic["images"], synthetic["labels"], lr, data,
+                                        eval_spec(params, "test", arch), seed=params.seed, device=str(device),
                                         progress=f"evaluate {method} ipc{ipc} on {arch}")
             results[arch], scalars[arch] = result.as_dict(), scores(result)
             tracker.log_metrics({f"test_acc_{arch}_mean": result.mean, f"test_acc_{arch}_std": result.std})

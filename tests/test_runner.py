@@ -1,0 +1,53 @@
+"""`ast-dd run --profile`: an overlay reaches DVC as `dvc exp run -S ++key=value`, which writes exactly the
+settings `load_params(params.yaml, [profile])` resolves; the ablation CLI and flow share one row definition."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from pipeline import ablation, runner
+from pipeline.params import load_params
+from pipeline.schema import ParamsError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("profile", ["tiny", "gpu"])
+def test_profile_written_as_dvc_writes_it_resolves_like_the_overlay(tmp_path: Path, profile: str) -> None:
+    text = runner.overridden_params(ROOT / "params.yaml", runner.profile_overrides([profile], ROOT), add=True)
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml") == load_params(ROOT / "params.yaml", [profile])
+    assert "# Default profile" in text  # DVC keeps params.yaml's comments
+
+
+def test_run_with_a_profile_is_a_workspace_dvc_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "params.yaml").write_bytes((ROOT / "params.yaml").read_bytes())
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "small.yaml").write_text("distill:\n  ipcs: [1]\n  per_ipc:\n    '1':\n      lr_img: 30\n")
+    monkeypatch.chdir(tmp_path)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(runner, "run_dvc", lambda args, *rest: calls.append(list(args)) or "")
+    monkeypatch.setattr(runner.tracking, "pipeline_run", lambda *a, **k: contextlib.nullcontext("run-id"))
+    params = load_params("params.yaml", ["small"])
+    runner.run_pipeline(params, "params.yaml", targets=["report"], force=True, profiles=["small"])
+    runner.run_pipeline(params, "params.yaml")
+    assert calls == [["exp", "run", "--force", "report", "-S", "++distill.ipcs=[1]",
+                      "-S", "++distill.per_ipc.1.lr_img=30"], ["repro"]]
+    (tmp_path / "profiles" / "bad.yaml").write_text("distill:\n  ipcs: [0]\n")
+    with pytest.raises(ParamsError, match="distill.ipcs"):
+        runner.run_pipeline(params, "params.yaml", profiles=["bad"])
+    assert len(calls) == 2  # nothing ran
+
+
+def test_ablation_rows_add_extra_settings_and_one_seed_per_experiment() -> None:
+    rows = ablation.ablation_rows({"mct": {"distill.methods": ["mtt"]}}, {"seed": 1}, seeds=[0, 2])
+    assert rows == {"ablation-mct-s0": {"distill.methods": ["mtt"], "seed": 1, "distill.seed": 0},
+                    "ablation-mct-s2": {"distill.methods": ["mtt"], "seed": 1, "distill.seed": 2}}
+    assert list(ablation.ablation_rows()) == [f"ablation-{group}" for group in ablation.GROUPS]
+    with pytest.raises(ParamsError, match="--group: 'nope' is unknown; allowed: buffers, modules, mct"):
+        ablation.select_groups(["nope"])
+    with pytest.raises(ParamsError, match="buffer.trian"):
+        ablation.check_rows(ROOT / "params.yaml", {"bad": {"buffer.trian": ["ast"]}})
