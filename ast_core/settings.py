@@ -200,10 +200,10 @@ class DistillConfig:
 # a row's `hyper`) and the switches of one method row (distill.configs.<row>). The remaining fields (ipc, seed,
 # optimiser momenta, min_syn_lr, dsa_strategy, max_nonfinite) are set by the pipeline or fixed.
 HYPER_FIELDS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn", "lr_img", "lr_lr",
-                "lr_teacher", "max_image_growth")
+                "lr_teacher", "student_momentum", "max_image_growth")
 SWITCH_FIELDS = ("sampling", "balanced_loss", "vartheta", "log_base", "intermediate_matching",
                  "intermediate_weights", "perturb_rho", "perturb_form", "intermediate_denominator", "balance_middle",
-                 "student_momentum", "gradient")
+                 "gradient")
 
 
 @dataclasses.dataclass(frozen=True)

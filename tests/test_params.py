@@ -131,8 +131,9 @@ BAD = [
     ("distill.configs.ast.balance_middle", "round", "balance_middle='round' is not supported; allowed: half, floor"),
     ("distill.configs.ast.vartheta", 1.0, "distill.configs.ast.vartheta (ipc 1): vartheta=1.0"),
     ("distill.configs.ast.vartheta", float("nan"), "distill.configs.ast.vartheta: nan must be a finite number"),
-    ("distill.configs.ast.student_momentum", 1.0, "distill.configs.ast.student_momentum (ipc 1): student_moment"),
-    ("distill.configs.ast.student_momentum", -0.1, "student_momentum=-0.1 must be in [0, 1)"),
+    ("distill.hyper.student_momentum", 1.0, "distill.hyper.student_momentum (distill.configs.ast at ipc 1): "
+                                            "student_momentum=1.0 must be in [0, 1)"),
+    ("distill.hyper.student_momentum", -0.1, "student_momentum=-0.1 must be in [0, 1)"),
     ("distill.hyper.max_image_growth", 0.0, "max_image_growth=0.0 must be a finite number > 0"),
     ("distill.per_ipc", {"ten": {"lr_img": 1.0}}, "distill.per_ipc.ten"),
     ("distill.per_ipc", {"10": {"lr_imgs": 1.0}}, "distill.per_ipc.10.lr_imgs: unknown key"),
