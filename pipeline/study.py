@@ -73,6 +73,23 @@ def _read(kind: str, name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _settings(config: DistillConfig) -> dict[str, Any]:
+    """The settings a cell is distilled with, as its file stores them (JSON types)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _done(kind: str, name: str, config: DistillConfig) -> bool:
+    """Whether the cell is finished with exactly these settings. A cell distilled with other settings (or
+    written before cells stored them) is redone, so one table never mixes protocols."""
+    cell = _read(kind, name)
+    if cell is None:
+        return False
+    if cell.get("config") != _settings(config):
+        log.warning("study %s: %s was distilled with other settings (or does not say which); redoing it", kind, name)
+        return False
+    return True
+
+
 def _mean_std(values: list[float], digits: int = 2) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
 
@@ -162,10 +179,10 @@ def run(params: Params, kind: str) -> pd.DataFrame:
             method = params.study.method if kind == "buffers" else row_name
             for seed in params.study.seeds:
                 name = f"{row_name}-ipc{ipc}-s{seed}"
-                if _read(kind, name) is None:
+                config = dataclasses.replace(params.distill_config(method, ipc), seed=seed)
+                if not _done(kind, name, config):
                     init = initial_synthetic_set(row.init, data.train_x, data.train_y, data.info.num_classes, ipc,
                                                  seed=seed, features=features)
-                    config = dataclasses.replace(params.distill_config(method, ipc), seed=seed)
                     _finish(kind, name, distil_cell(params, kind, name, row, config, init, data, device))
                     write_report(params, kind)
     return write_report(params, kind)
@@ -200,7 +217,8 @@ def distil_cell(params: Params, kind: str, name: str, row: MethodParams, config:
     """One distillation and the test accuracy of the set kept on validation."""
     result = distil(params, kind, name, row, config, init, data, device)
     scored = test_accuracy(params, result.best.images, result.labels, result.best.syn_lr, data, device)
-    return {"row": name.rsplit("-ipc", 1)[0], "ipc": config.ipc, "seed": config.seed, **_selection(result), **scored}
+    return {"row": name.rsplit("-ipc", 1)[0], "ipc": config.ipc, "seed": config.seed, "config": _settings(config),
+            **_selection(result), **scored}
 
 
 def point_label(point: dict[str, float]) -> str:
@@ -216,14 +234,14 @@ def run_sweep(params: Params, row: MethodParams, features: torch.Tensor | None, 
         for point in params.study.grid_points():
             for seed in params.study.seeds:
                 name = f"{method}-{point_label(point)}-ipc{ipc}-s{seed}"
-                if _read("sweep", name) is None:
+                hyper, num_experts = params.study.split_point(point)
+                config = dataclasses.replace(params.distill_config(method, ipc, hyper), seed=seed)
+                if not _done("sweep", name, config):
                     init = initial_synthetic_set(row.init, data.train_x, data.train_y, data.info.num_classes, ipc,
                                                  seed=seed, features=features)
-                    hyper, num_experts = params.study.split_point(point)
-                    config = dataclasses.replace(params.distill_config(method, ipc, hyper), seed=seed)
                     result = distil(params, "sweep", name, row, config, init, data, device, num_experts)
                     _finish("sweep", name, {"point": point, "ipc": ipc, "seed": seed, "row": method,
-                                            "config": dataclasses.asdict(config), **_selection(result)})
+                                            "config": _settings(config), **_selection(result)})
                     sweep_report(params)
     return sweep_report(params)
 

@@ -54,6 +54,14 @@ def test_buffers_study_writes_table_vii_and_resumes_without_recomputing(project)
     assert len(cells) == 6  # 2 variants x 2 seeds + 2 starts
     study.run(params, "buffers")
     assert [cell.stat().st_mtime_ns for cell in cells] == stamps
+    # A cell distilled with other settings is redone, the others are kept: one table, one protocol.
+    changed = path / "artifacts/study/buffers/cells/sgd-ipc1-s0.json"
+    cell = json.loads(changed.read_text())
+    changed.write_text(json.dumps({**cell, "config": {**cell["config"], "max_start_epoch": 99}}))
+    study.run(params, "buffers")
+    assert json.loads(changed.read_text())["config"] == cell["config"]
+    kept = [(c.stat().st_mtime_ns, s) for c, s in zip(cells, stamps, strict=True) if c != changed]
+    assert all(now == before for now, before in kept)
 
 
 def test_modules_study_writes_rows_and_convergence_curves(project) -> None:
