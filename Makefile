@@ -5,12 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-# Offline and telemetry settings for every command the project runs.
-export DO_NOT_TRACK := true
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export MLFLOW_DISABLE_TELEMETRY := true
-export DVC_NO_ANALYTICS := 1
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+# Offline and telemetry settings for every command the project runs: the one list in pipeline/environment.py
+# (a value already set in the environment is kept, as in the Python processes).
+$(foreach setting,$(shell $(PYTHON) pipeline/environment.py),$(eval export $(subst =, ?= ,$(setting))))
 
 .PHONY: setup data plots-offline run test lint clean
 

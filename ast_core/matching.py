@@ -152,7 +152,7 @@ class MatchingEngine:
         if len(trajectories) == 0:
             raise ValueError("trajectories is empty: train experts first (buffer stage)")
         shortest = min(traj.num_epochs for traj in trajectories)
-        needed = config.max_start_epoch + config.expert_epochs - (1 if config.sampling == "discrete" else 0)
+        needed = config.epochs_needed
         if needed > shortest:
             raise ValueError(f"max_start_epoch + expert_epochs = {needed} exceeds the stored trajectory "
                              f"({shortest} epochs)")

@@ -194,6 +194,13 @@ class DistillConfig:
             raise ValueError("gradient='tesla' supports neither intermediate_matching nor student_momentum; "
                              "use gradient='unroll' for them")
 
+    @property
+    def epochs_needed(self) -> float:
+        """Epochs of a stored trajectory one match may read: start epochs up to T+ (discrete: 0 .. T+ - 1, MCT:
+        U(0, T+)) plus M epochs ahead. The pipeline checks it against buffer.epochs, the engine against the
+        trajectories it gets."""
+        return self.max_start_epoch + self.expert_epochs - (1 if self.sampling == "discrete" else 0)
+
 
 # How the pipeline exposes DistillConfig (pipeline/params.py builds its sections from these names, so each
 # setting is declared once, here): hyperparameters that may differ per ipc (distill.hyper, distill.per_ipc,

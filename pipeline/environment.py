@@ -1,4 +1,5 @@
-"""Offline and telemetry defaults applied to every command the project runs (see ECOSYSTEM.md)."""
+"""Offline and telemetry defaults applied to every command the project runs (see ECOSYSTEM.md); the Makefile
+reads them from `python pipeline/environment.py` (KEY=VALUE lines), so the list exists once."""
 
 import os
 
@@ -15,3 +16,7 @@ def apply_offline_defaults() -> None:
     """Set the telemetry/offline variables unless the user already chose a value."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+if __name__ == "__main__":
+    print("\n".join(f"{key}={value}" for key, value in OFFLINE_DEFAULTS.items()))

@@ -388,7 +388,7 @@ class Params:
         except ValueError as error:
             setting = str(error).split("=", 1)[0]
             raise ParamsError(f"{self._origin(method, ipc, setting, changes)}: {error}") from error
-        needed = hyper.max_start_epoch + hyper.expert_epochs - (1 if chosen.sampling == "discrete" else 0)
+        needed = config.epochs_needed
         if needed > self.buffer.epochs:
             raise ParamsError(f"{self._origin(method, ipc, 'max_start_epoch', changes)}: max_start_epoch + "
                               f"expert_epochs = {needed} epochs but buffer.epochs is {self.buffer.epochs}")

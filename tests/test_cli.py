@@ -103,3 +103,15 @@ def test_readme_library_example_runs_and_distils_above_its_start(tmp_path: Path)
     scores = dict(re.findall(r"^(.+): test accuracy ([\d.]+) ±", result.stdout, re.MULTILINE))
     assert set(scores) == {"k-means start", "distilled"}, result.stdout
     assert float(scores["distilled"]) > 50.0  # far above chance (10 %): the distillation did not collapse
+
+
+def test_make_exports_the_one_list_of_offline_settings(tmp_path: Path) -> None:
+    """The Makefile takes pipeline/environment.py's list (no copy); a value the user set is kept."""
+    from pipeline.environment import OFFLINE_DEFAULTS
+
+    (tmp_path / "show.mk").write_text("show:\n\t@env\n")
+    env = {key: value for key, value in os.environ.items() if key not in OFFLINE_DEFAULTS}
+    shown = subprocess.run(["make", "-s", "-f", "Makefile", "-f", str(tmp_path / "show.mk"), "show"], cwd=ROOT,
+                           env={**env, "DVC_NO_ANALYTICS": "user"}, capture_output=True, text=True, check=True)
+    exported = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+    assert {key: exported.get(key) for key in OFFLINE_DEFAULTS} == {**OFFLINE_DEFAULTS, "DVC_NO_ANALYTICS": "user"}

@@ -299,3 +299,8 @@ def test_config_errors_name_the_key(key: str, value) -> None:
 def test_segment_beyond_the_stored_trajectory_is_rejected(digits, digits_expert) -> None:
     with pytest.raises(ValueError, match="max_start_epoch \\+ expert_epochs"):
         make_distiller(digits, digits_expert, small_config(max_start_epoch=6))
+
+
+def test_epochs_needed_counts_the_last_start_epoch_and_the_segment() -> None:
+    assert DistillConfig(max_start_epoch=4, expert_epochs=2).epochs_needed == 5  # starts 0..3, then 2 epochs
+    assert DistillConfig(max_start_epoch=2.5, expert_epochs=2, sampling="continuous").epochs_needed == 4.5
