@@ -77,6 +77,7 @@ def prefect_server(host: str, port: int) -> subprocess.Popen:
                                          "--analytics-off"), env=env)
 
 
+@contextlib.contextmanager
 def child_processes() -> Iterator[list[subprocess.Popen]]:
     """Processes appended to the yielded list are stopped (SIGTERM, then SIGKILL) on exit, newest first."""
     processes: list[subprocess.Popen] = []
