@@ -163,7 +163,7 @@ class DistillConfig:
         positive_ints = {"ipc": self.ipc, "iterations": self.iterations, "syn_steps": self.syn_steps,
                          "expert_epochs": self.expert_epochs, "max_nonfinite": self.max_nonfinite}
         for key, value in positive_ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"{key}={value!r} must be a positive integer")
         positive = {"lr_img": self.lr_img, "lr_lr": self.lr_lr, "lr_teacher": self.lr_teacher,
                     "min_syn_lr": self.min_syn_lr, "max_start_epoch": self.max_start_epoch,
@@ -183,7 +183,7 @@ class DistillConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
-        if self.batch_syn is not None and (not isinstance(self.batch_syn, int) or self.batch_syn < 1):
+        if self.batch_syn is not None and not is_positive_int(self.batch_syn):
             raise ValueError(f"batch_syn={self.batch_syn!r} must be a positive integer or null (all)")
         if not (math.isfinite(self.perturb_rho) and self.perturb_rho >= 0):
             raise ValueError(f"perturb_rho={self.perturb_rho!r} must be a finite number >= 0")

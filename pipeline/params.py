@@ -27,6 +27,7 @@ from ast_core.settings import (
     SWITCH_FIELDS,
     DistillConfig,
     ExpertConfig,
+    is_positive_int,
 )
 from pipeline.schema import ParamsError, from_mapping, to_mapping
 
@@ -167,13 +168,12 @@ def params_section(name: str, fields: list[tuple[str, Any, Any]], doc: str) -> t
 Hyper = params_section("Hyper", distill_config_fields(HYPER_FIELDS),
                        "Distillation hyperparameters that may differ per ipc (docs/method.md section 7): "
                        "ast_core.settings.HYPER_FIELDS of DistillConfig.")
-HYPER_KEYS = HYPER_FIELDS
 
 
 def check_hyper_keys(section: str, keys: Any, also: tuple[str, ...] = ()) -> None:
     """Every key of a mapping that overrides distill.hyper values (a row's `hyper`, the sweep's grid) is one
     (or one of `also`)."""
-    allowed = (*HYPER_KEYS, *also)
+    allowed = (*HYPER_FIELDS, *also)
     for key in keys:
         if key not in allowed:
             raise ParamsError(f"{section}.{key}: not a distill.hyper key; allowed: {', '.join(allowed)}")
@@ -278,7 +278,7 @@ class StudyParams:
             if not values:
                 raise ParamsError(f"study.grid.{key}: list at least one value")
         for count in self.grid.get("num_experts", []):
-            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            if not is_positive_int(count):
                 raise ParamsError(f"study.grid.num_experts: {count!r} must be a positive integer")
 
     def grid_points(self) -> list[dict[str, int | float]]:
@@ -357,7 +357,7 @@ class Params:
             return f"distill.configs.{method}.hyper.{setting} (ipc {ipc})"
         if setting in self.distill.per_ipc.get(str(ipc), {}):
             return f"distill.per_ipc.{ipc}.{setting} {cell}"
-        if setting in HYPER_KEYS:
+        if setting in HYPER_FIELDS:
             return f"distill.hyper.{setting} {cell}"
         if setting in METHOD_KEYS:
             return f"distill.configs.{method}.{setting} (ipc {ipc})"

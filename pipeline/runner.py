@@ -16,7 +16,7 @@ from typing import Any
 from ast_core.io import atomic_write_text
 from pipeline import tracking
 from pipeline.params import Params, load_params, overlay_file, read_overlays
-from pipeline.schema import ParamsError
+from pipeline.schema import ParamsError, flatten_keys
 
 log = logging.getLogger(__name__)
 TAIL_LINES = 40
@@ -98,20 +98,9 @@ def hydra_overrides(overrides: Mapping[str, Any], add: bool = False) -> list[str
     return [f"{prefix}{key}={json.dumps(value)}" for key, value in overrides.items()]
 
 
-def flat_keys(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as dotted keys to their leaf values: {"a": {"b": 1}} -> {"a.b": 1}."""
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flat_keys(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def profile_overrides(profiles: Sequence[str | Path], root: Path | None = None) -> dict[str, Any]:
     """The overlays' settings (later profiles win) as dotted keys, ready for `dvc exp run -S ++key=value`."""
-    return flat_keys(read_overlays([overlay_file(profile, root) for profile in profiles]))
+    return flatten_keys(read_overlays([overlay_file(profile, root) for profile in profiles]))
 
 
 def overridden_params(params_file: Path, overrides: Mapping[str, Any], add: bool = False) -> str:

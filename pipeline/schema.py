@@ -125,14 +125,13 @@ def to_mapping(obj: Any) -> Any:
 
 
 def flatten_keys(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists become comma-separated strings (MLflow params)."""
+    """Nested settings as dotted keys to their leaf values, {'a': {'b': 1}} -> {'a.b': 1} (an empty mapping has
+    no leaves, as an overlay's empty mapping changes nothing)."""
     out: dict[str, Any] = {}
     for key, value in mapping.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             out.update(flatten_keys(value, full))
-        elif isinstance(value, list | tuple):
-            out[full] = ",".join(map(str, value))
         else:
             out[full] = value
     return out

@@ -184,7 +184,8 @@ def stage_run(stage: str, experiment: str, run_name: str, params: Mapping[str, A
     all_tags = {**run_tags(stage), **(tags or {})}
     with parent_run(client, experiment_id) as parent, mlflow.start_run(
             run_name=run_name, parent_run_id=parent, nested=parent is not None, tags=all_tags) as run:
-        items = list(flatten_keys(params).items())
+        items = [(key, ",".join(map(str, value)) if isinstance(value, list | tuple) else value)
+                 for key, value in flatten_keys(params).items()]  # MLflow params are strings: lists comma-joined
         for start in range(0, len(items), 100):
             mlflow.log_params(dict(items[start:start + 100]))
         yield StageRun(run.info.run_id)
