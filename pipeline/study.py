@@ -10,7 +10,8 @@ killed study resumes where it stopped and a finished one only rebuilds its table
   gradient norms, distilled accuracy) and figures ``buffers_study_{grad_norm,step_sq_norm}.png``.
 - ``modules`` (AST Table VIII and MCT's convergence claim): every row of `study.rows`, each on its own buffer
   (MCT rows on convexified copies). Tables ``modules_study.{csv,md}`` and ``convergence_study.{csv,md}``
-  (validation accuracy per iteration, mean ± std over seeds) and figure ``modules_study_convergence.png``.
+  (validation accuracy per iteration, mean ± std over seeds) and one figure per ipc,
+  ``modules_study_convergence_ipc<ipc>.png``.
 
 - ``sweep`` (how the default settings are chosen): the `study.method` row at every point of `study.grid` (a
   cartesian product over distill.hyper keys), scored on the validation split only, never on test. Table
@@ -264,14 +265,15 @@ def _start_row(kind: str, ipc: int, seeds: list[int], label: dict[str, Any]) -> 
 
 
 def _protocol(params: Params, kind: str) -> str:
-    b, h = params.buffer, params.distill.hyper
+    b, d = params.buffer, params.distill
+    per_ipc = "; ".join(
+        f"ipc {ipc}: {h.iterations} iterations (N {h.syn_steps}, M {h.expert_epochs}, T+ {h.max_start_epoch:g}, "
+        f"lr_img {h.lr_img:g} unless a row sets its own, initial alpha {h.lr_teacher:g})"
+        for ipc, h in ((ipc, d.hyper_for(ipc)) for ipc in d.ipcs))
     return (f"Fashion-MNIST, ConvNet width {params.model.width}; {b.num_experts} experts x {b.epochs} epochs on "
-            f"{b.train_size or 'all'} training images per buffer variant. Distillation: ipc "
-            f"{'/'.join(map(str, params.distill.ipcs))}, {h.iterations} iterations (N {h.syn_steps}, M "
-            f"{h.expert_epochs}, T+ {h.max_start_epoch}, lr_img {h.lr_img:g} unless a row sets its own, initial alpha "
-            f"{h.lr_teacher:g}), set "
-            f"kept on validation ({params.distill.eval_models} network x {params.distill.eval_iterations} iterations "
-            f"every {params.distill.eval_every}); test accuracy: mean over {params.evaluate.num_models} networks x "
+            f"{b.train_size or 'all'} training images per buffer variant. Distillation: {per_ipc}; set "
+            f"kept on validation ({d.eval_models} network x {d.eval_iterations} iterations "
+            f"every {d.eval_every}); test accuracy: mean over {params.evaluate.num_models} networks x "
             f"{params.evaluate.iterations} iterations per seed, mean ± std over {len(params.study.seeds)} "
             f"distillation seeds ({kind} study).")
 
@@ -322,7 +324,10 @@ def buffers_report(params: Params) -> pd.DataFrame:
 
 def modules_report(params: Params) -> pd.DataFrame:
     """modules_study.csv/.md, convergence_study.csv/.md and the convergence figure, from the finished cells."""
-    rows, curves, series, bands = [], [], {}, {}
+    rows: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
+    series: dict[int, dict[str, tuple[list[int], list[float]]]] = {}
+    bands: dict[int, dict[str, list[float]]] = {}
     seeds = params.study.seeds
     for ipc in params.distill.ipcs:
         for row in params.study.rows:
@@ -343,9 +348,8 @@ def modules_report(params: Params) -> pd.DataFrame:
                 curves.append({"row": row, "ipc": ipc, "iteration": iteration, "seeds": len(values),
                                "val_acc": _mean_std(values), "mean": statistics.fmean(values),
                                "std": statistics.pstdev(values)})
-            label = f"{row} (ipc {ipc})"
-            series[label] = ([i for i, _ in points], [statistics.fmean(v) for _, v in points])
-            bands[label] = [statistics.pstdev(v) for _, v in points]
+            series.setdefault(ipc, {})[row] = ([i for i, _ in points], [statistics.fmean(v) for _, v in points])
+            bands.setdefault(ipc, {})[row] = [statistics.pstdev(v) for _, v in points]
         start = _start_row("modules", ipc, seeds, {"row": "random real subset (start of real-init rows)", "ipc": ipc})
         if start:
             rows.append(start)
@@ -353,10 +357,10 @@ def modules_report(params: Params) -> pd.DataFrame:
     write_table(frame, "modules_study", "AST Table VIII and MCT at CPU size", _protocol(params, "modules"))
     write_table(pd.DataFrame(curves), "convergence_study", "Validation accuracy per distillation iteration",
                 _protocol(params, "modules") + " Iteration 0 is the starting set.")
-    if series:
-        plot_curves(series, FIGURES / "modules_study_convergence.png", "distillation iteration",
-                    "validation accuracy (%)", bands=bands,
-                    title=f"convergence, mean ± std over {len(seeds)} seeds")
+    for ipc, by_row in series.items():
+        plot_curves(by_row, FIGURES / f"modules_study_convergence_ipc{ipc}.png", "distillation iteration",
+                    "validation accuracy (%)", bands=bands[ipc],
+                    title=f"convergence at ipc {ipc}, mean ± std over {len(seeds)} seeds")
     return frame
 
 

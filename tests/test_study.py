@@ -73,8 +73,10 @@ def test_modules_study_writes_rows_and_convergence_curves(project) -> None:
     curves = pd.read_csv(path / "artifacts/report/tables/convergence_study.csv")
     assert sorted(set(curves["iteration"])) == [0, 1, 2]
     assert set(curves["row"]) == {"mtt", "mct2", "rep_init"}
+    protocol = (path / "artifacts/report/tables/modules_study.md").read_text()
+    assert "ipc 1: 2 iterations" in protocol  # each ipc's own settings (distill.per_ipc), not distill.hyper's
     assert (path / "artifacts/study/experts/sgd/convex/expert_000.mct2.safetensors").is_file()
-    assert (path / "artifacts/report/figures/modules_study_convergence.png").is_file()
+    assert (path / "artifacts/report/figures/modules_study_convergence_ipc1.png").is_file()
 
 
 def test_sweep_scores_every_grid_point_on_validation_only(project) -> None:
