@@ -372,12 +372,17 @@ def sweep_report(params: Params) -> pd.DataFrame:
     for path in sorted((STUDY / "sweep" / "cells").glob("*.json")):
         cell = json.loads(path.read_text())
         groups.setdefault((cell["row"], cell["ipc"], point_label(cell["point"])), []).append(cell)
-    rows, series, keys = [], {}, {}
-    for (row, ipc, label), cells in sorted(groups.items(), key=lambda g: (g[0][:2], sorted(g[1][0]["point"].items()))):
-        keys.update(dict.fromkeys(cells[0]["point"]))
+    ordered = sorted(groups.items(), key=lambda g: (g[0][:2], sorted(g[1][0]["point"].items())))
+    keys = list(dict.fromkeys(key for _, cells in ordered for key in cells[0]["point"]))
+    rows, series = [], {}
+    for (row, ipc, label), cells in ordered:
+        point, settings = cells[0]["point"], cells[0].get("config", {})
         curves = [{p["iteration"]: p["val_acc"] for p in c["validation"]} for c in cells]
         best = [max(curve.values()) for curve in curves]
-        rows.append({"row": row, "ipc": ipc, **cells[0]["point"], "seeds": len(cells),
+        # a grid key outside this cell's point shows the value the cell was distilled with (its `config`), so
+        # points from sweeps run under other defaults stay comparable; blank only where the cell did not record it
+        shown = {key: point.get(key, settings.get(key)) for key in keys}
+        rows.append({"row": row, "ipc": ipc, **shown, "seeds": len(cells),
                      "val_start": _mean_std([curve[0] for curve in curves]), "val_best": _mean_std(best),
                      "gain": round(statistics.fmean(b - curve[0] for b, curve in zip(best, curves, strict=True)), 2),
                      "val_last": _mean_std([curve[max(curve)] for curve in curves]),
@@ -388,8 +393,9 @@ def sweep_report(params: Params) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     first = ["row", "ipc", *keys]
     frame = frame[first + [c for c in frame.columns if c not in first]] if rows else frame
-    note = (f"A distill.configs row at each grid point (the other settings as the profile: "
-            f"{params.distill.hyper.iterations} iterations), validation accuracy "
+    note = ("A distill.configs row at each grid point (a key outside a point's grid shows the value its cells were "
+            "distilled with; blank: not recorded, e.g. num_experts, the profile's buffer.num_experts), validation "
+            "accuracy "
             f"({params.distill.eval_models} networks x {params.distill.eval_iterations} iterations every "
             f"{params.distill.eval_every}): start, best, gain (best - start) and last, mean ± std over the seeds "
             "run. The test split is not used.")

@@ -111,6 +111,26 @@ def test_sweep_num_experts_limits_the_trajectories_matched(project, monkeypatch)
     assert sorted(table["num_experts"].dropna()) == sorted([1, 2] * len(params.distill.ipcs))
 
 
+def test_sweep_table_shows_the_settings_of_keys_outside_a_point(tmp_path: Path, monkeypatch) -> None:
+    """Points of sweeps with different grids share one table; a key a point did not vary shows the value its cells
+    were distilled with (stored in the cell), not a blank that would read as "the current default"."""
+    write_tiny_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cells = tmp_path / "artifacts/study/sweep/cells"
+    cells.mkdir(parents=True)
+    validation = [{"iteration": 0, "val_acc": 50.0}, {"iteration": 1, "val_acc": 60.0}]
+    for name, point, config in [("a", {"lr_img": 10.0}, {"lr_img": 10.0, "max_start_epoch": 4}),
+                                ("b", {"max_start_epoch": 5}, {"lr_img": 100.0, "max_start_epoch": 5}),
+                                ("c", {"max_start_epoch": 6}, None)]:
+        cell = {"row": "mtt", "ipc": 1, "seed": 0, "point": point, "validation": validation, "selected_iteration": 1}
+        (cells / f"{name}.json").write_text(json.dumps(cell if config is None else {**cell, "config": config}))
+    study.sweep_report(load_params("params.yaml"))
+    table = pd.read_csv(tmp_path / "artifacts/report/tables/sweep_study.csv")
+    shown = {(row.lr_img, row.max_start_epoch) for row in table.itertuples()}
+    assert (10.0, 4) in shown and (100.0, 5) in shown  # filled from each cell's config
+    assert any(pd.isna(lr) and start == 6 for lr, start in shown)  # a cell that recorded no settings stays blank
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"study": {"grid": {"lr_image": [1.0]}}}, "study.grid.lr_image: not a distill.hyper key"),
     ({"study": {"grid": {"lr_img": []}}}, "study.grid.lr_img: list at least one value"),
