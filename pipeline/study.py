@@ -47,7 +47,7 @@ from ast_core.trajectory import convex_tag, convexify_buffer, list_buffer, load_
 from ast_core.viz import plot_curves
 from pipeline.layout import ARTIFACTS, CHECKPOINTS, REPORT
 from pipeline.modelling import eval_spec, final_expert
-from pipeline.params import MethodParams, Params
+from pipeline.params import Hyper, MethodParams, Params
 from pipeline.prepared import class_balanced_subset, load_prepared, resolve_device
 from pipeline.schema import ParamsError
 from pipeline.stages.buffer import DTYPES, expert_config, expert_scheduler
@@ -264,12 +264,14 @@ def _start_row(kind: str, ipc: int, seeds: list[int], label: dict[str, Any]) -> 
             "seeds": len(starts), "per_seed": " / ".join(f"{v:.2f}" for v in starts)}
 
 
+def _segments(h: Hyper) -> str:
+    return (f"{h.iterations} iterations (N {h.syn_steps}, M {h.expert_epochs}, T+ {h.max_start_epoch:g}, lr_img "
+            f"{h.lr_img:g} unless a row sets its own, initial alpha {h.lr_teacher:g})")
+
+
 def _protocol(params: Params, kind: str) -> str:
     b, d = params.buffer, params.distill
-    per_ipc = "; ".join(
-        f"ipc {ipc}: {h.iterations} iterations (N {h.syn_steps}, M {h.expert_epochs}, T+ {h.max_start_epoch:g}, "
-        f"lr_img {h.lr_img:g} unless a row sets its own, initial alpha {h.lr_teacher:g})"
-        for ipc, h in ((ipc, d.hyper_for(ipc)) for ipc in d.ipcs))
+    per_ipc = "; ".join(f"ipc {ipc}: {_segments(d.hyper_for(ipc))}" for ipc in d.ipcs)
     return (f"Fashion-MNIST, ConvNet width {params.model.width}; {b.num_experts} experts x {b.epochs} epochs on "
             f"{b.train_size or 'all'} training images per buffer variant. Distillation: {per_ipc}; set "
             f"kept on validation ({d.eval_models} network x {d.eval_iterations} iterations "
