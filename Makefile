@@ -36,8 +36,11 @@ plots-offline: .vega/template.html
 	  $(BIN)/python -m pipeline.plots_template --node-modules .vega/node_modules --out $@; \
 	else echo "npm not found: dvc plots show will load vega from its CDN"; fi
 
+# Independent stages (the distillation seeds, evaluations, baselines) run JOBS at a time, one core each.
+JOBS ?= $(shell nproc)
+
 run: setup
-	$(BIN)/ast-dd run
+	$(BIN)/ast-dd run --jobs $(JOBS)
 
 test: setup
 	$(BIN)/ruff check .

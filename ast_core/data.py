@@ -24,7 +24,7 @@ import os
 import struct
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,25 @@ class DatasetInfo:
     class_names: tuple[str, ...]
 
 
+class SealedSplitError(RuntimeError):
+    """Raised when code that must select on validation only (distillation) touches the test split."""
+
+
+class SealedSplit:
+    """Stands in for the test tensors where they must not be read: any use raises `SealedSplitError`."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+
+    def _refuse(self, *_: object) -> None:
+        raise SealedSplitError(f"the test split is sealed here: {self._reason}")
+
+    def __getattr__(self, name: str) -> None:
+        self._refuse()
+
+    __getitem__ = __len__ = __iter__ = __array__ = _refuse
+
+
 @dataclass
 class DatasetSplits:
     """Float32 `N x C x H x W` images (normalised with `info.mean`/`std`) and int64 labels per split."""
@@ -127,6 +146,11 @@ class DatasetSplits:
         mean = torch.tensor(self.info.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         std = torch.tensor(self.info.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return x * std + mean
+
+    def without_test(self, reason: str) -> DatasetSplits:
+        """The same splits with the test split sealed (`SealedSplit`): for model selection, which must never
+        read test; `reason` goes into the error a stray access raises."""
+        return replace(self, test_x=SealedSplit(reason), test_y=SealedSplit(reason))  # type: ignore[arg-type]
 
 
 @dataclass

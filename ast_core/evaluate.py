@@ -30,6 +30,7 @@ from ast_core.augment import DSA, dsa_strategy_for
 from ast_core.data import DatasetSplits
 from ast_core.models import build_model
 from ast_core.settings import EVAL_SPLITS, PROTOCOLS, EvalSpec, is_positive_int
+from ast_core.statistics import sample_std
 
 __all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalResult", "EvalSpec", "evaluate_synthetic", "schedule", "train_on_real"]
 
@@ -42,7 +43,8 @@ _SCHEDULES = {"ast": (False, 0.5), "mtt": (True, 0.1), "real": (True, 0.5)}
 
 @dataclass
 class EvalResult:
-    """Accuracy (%) over `len(seeds)` networks: mean, population std (MTT's np.std), each network's score."""
+    """Accuracy (%) over `len(seeds)` networks: mean, sample std (ddof 1; 0.0 for one network), each network's
+    score and seed."""
 
     mean: float
     std: float
@@ -155,7 +157,7 @@ def _run(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits
         _train(model, x, y, lr_value, protocol, iterations, spec.batch_size, dsa,
                torch.Generator().manual_seed(s), bool(progress))
         accuracies.append(accuracy(model, eval_x, eval_y, dev))
-    return EvalResult(mean=float(np.mean(accuracies)), std=float(np.std(accuracies)), accuracies=accuracies,
+    return EvalResult(mean=float(np.mean(accuracies)), std=sample_std(accuracies), accuracies=accuracies,
                       seeds=seeds, protocol=protocol, arch=spec.arch, iterations=iterations,
                       eval_split=spec.eval_split, lr=lr_value)
 

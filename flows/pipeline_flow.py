@@ -17,11 +17,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, wait
 
-from flows.stages import GPU_TAG, StageNode, pinned_gpu, stage_env, stage_graph
+from flows.stages import GPU_TAG, pinned_gpu, stage_env, stage_tags
 from pipeline import tracking
 from pipeline.layout import DISTILL, REPORT
 from pipeline.params import load_params
 from pipeline.runner import apply_overrides, run_dvc
+from pipeline.stage_graph import StageNode, stage_graph
 
 RETRIES = 2
 RETRY_DELAY_SECONDS = 30
@@ -47,7 +48,7 @@ def submit_graph(nodes: list[StageNode], root: Path, parent_run_id: str, flow_ru
     """Submit every stage after the stages it depends on (`nodes` lists dependencies first)."""
     futures: dict[str, PrefectFuture[str]] = {}
     for node in nodes:
-        stage_task = run_stage.with_options(name=f"stage-{node.group}", task_run_name=node.name, tags=node.tags,
+        stage_task = run_stage.with_options(name=f"stage-{node.group}", task_run_name=node.name, tags=stage_tags(node),
                                             retries=retries)
         futures[node.name] = stage_task.submit(node.name, str(root), parent_run_id, flow_run_id, force,
                                                wait_for=[futures[name] for name in node.upstream])
@@ -70,11 +71,11 @@ def results_markdown(root: Path, outcomes: dict[str, str], parent_run_id: str, e
              ""]
     table = root / RESULTS_TABLE
     lines.append(table.read_text() if table.is_file() else f"(no `{RESULTS_TABLE}`: the report stage has not run)")
-    grids = sorted((root / DISTILL).glob("*/ipc*/grid.png"))
+    grids = sorted((root / DISTILL).glob("*/ipc*/seed*/grid.png"))
     figures = sorted((root / REPORT / "figures").glob("*.png"))
     if grids or figures:
         lines += ["", "## Pictures", "", "Also in the MLflow runs' artifacts (distill and report stages).", ""]
-        lines += [f"- distilled images {p.parent.parent.name} {p.parent.name}: `{p}`" for p in grids]
+        lines += [f"- distilled images {p.parents[2].name} {p.parents[1].name} {p.parent.name}: `{p}`" for p in grids]
         lines += [f"- {p.stem.replace('_', ' ')}: `{p}`" for p in figures]
     return "\n".join(lines) + "\n"
 

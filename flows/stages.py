@@ -14,62 +14,21 @@ import contextlib
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 
 from pipeline import tracking
 from pipeline.runner import stage_environment
-from pipeline.schema import ParamsError
+from pipeline.stage_graph import StageNode
 
-GPU_STAGES = frozenset({"buffer", "distill", "evaluate", "baselines"})
 GPU_TAG = "gpu"
 TAIL_LINES = 40
 _GPU_POOLS: dict[tuple[str, ...], queue.SimpleQueue[str]] = {}
 _GPU_POOLS_LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
-class StageNode:
-    """One stage of the DVC graph: its address (what `dvc repro` accepts) and the stages it needs."""
-
-    name: str
-    upstream: tuple[str, ...]
-
-    @property
-    def group(self) -> str:
-        """The dvc.yaml entry a foreach/matrix stage comes from (``distill@ast-10`` -> ``distill``)."""
-        return self.name.rsplit(":", 1)[-1].split("@", 1)[0]
-
-    @property
-    def tags(self) -> list[str]:
-        """Prefect tags: training stages share the `gpu` concurrency limit."""
-        return [GPU_TAG] if self.group in GPU_STAGES else []
-
-
-def stage_graph(root: Path, targets: Sequence[str] | None = None) -> list[StageNode]:
-    """The pipeline stages `targets` need (all when empty), dependencies first, in a stable order."""
-    import networkx as nx
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        if targets:
-            wanted = set()
-            for target in targets:
-                try:
-                    sources = repo.stage.collect(target)
-                except DvcException as error:
-                    raise ParamsError(f"targets: {target!r} is not a stage of {root / 'dvc.yaml'} ({error})") from error
-                for source in sources:
-                    wanted |= {source, *nx.descendants(graph, source)}
-            graph = graph.subgraph(wanted)
-        stages = [stage for stage in graph if getattr(stage, "cmd", None)]  # skip `dvc add` data stages
-        graph = graph.subgraph(stages)
-        order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=lambda stage: stage.addressing)
-        return [StageNode(stage.addressing, tuple(sorted(dep.addressing for dep in graph.successors(stage))))
-                for stage in order]
+def stage_tags(node: StageNode) -> list[str]:
+    """Prefect tags: training stages share the `gpu` concurrency limit."""
+    return [GPU_TAG] if node.trains else []
 
 
 def visible_gpus() -> list[str]:

@@ -33,9 +33,9 @@ GROUPS: dict[str, dict[str, Any]] = {
 PREFIX = "ablation-"
 
 
-def experiment_name(group: str, seed: int | None) -> str:
-    """`ablation-<group>`, or `ablation-<group>-s<seed>` for one of several distillation seeds."""
-    return f"{PREFIX}{group}" if seed is None else f"{PREFIX}{group}-s{seed}"
+def experiment_name(group: str) -> str:
+    """`ablation-<group>`: the DVC experiment (and MLflow parent run) of one group."""
+    return f"{PREFIX}{group}"
 
 
 def select_groups(groups: Sequence[str] | None) -> dict[str, dict[str, Any]]:
@@ -48,11 +48,11 @@ def select_groups(groups: Sequence[str] | None) -> dict[str, dict[str, Any]]:
 
 def ablation_rows(grid: Mapping[str, Mapping[str, Any]] | None = None, extra: Mapping[str, Any] | None = None,
                   seeds: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
-    """Experiment name -> its `-S` overrides: each grid row (default: GROUPS) with `extra` added, once per
-    distillation seed when `seeds` is given."""
-    return {experiment_name(group, seed): {**values, **(extra or {}), **({} if seed is None else
-                                                                         {"distill.seed": seed})}
-            for group, values in (grid or GROUPS).items() for seed in (seeds or [None])}
+    """Experiment name -> its `-S` overrides: each grid row (default: GROUPS) with `extra` added, and its
+    distillation seeds (`distill.seeds`, one matrix cell each) when `seeds` is given."""
+    return {experiment_name(group): {**values, **(extra or {}), **({} if seeds is None else
+                                                                   {"distill.seeds": list(seeds)})}
+            for group, values in (grid or GROUPS).items()}
 
 
 def check_rows(params_file: Path, rows: Mapping[str, Mapping[str, Any]]) -> None:
@@ -78,7 +78,7 @@ def run_experiment(name: str, overrides: Mapping[str, Any], root: Path | None = 
 
 def run_ablations(params: Params, params_path: str, groups: list[str] | None = None,
                   extra: list[str] | None = None, seeds: list[int] | None = None) -> None:
-    """`ast-dd ablate`: one DVC experiment per group (and per distillation seed), one after the other, then
+    """`ast-dd ablate`: one DVC experiment per group (each distilling every seed), one after the other, then
     the report."""
     from pipeline import tracking  # MLflow loads here, not when `ast-dd` builds its parser from GROUPS
     from pipeline.runner import ensure_params_file, parse_sets

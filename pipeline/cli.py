@@ -53,25 +53,28 @@ def cmd_init(args: argparse.Namespace, params: Params) -> None:
     _stage("init")(params)
 
 
-def _cells(args: argparse.Namespace, params: Params) -> list[tuple[str, int]]:
-    """The (method, ipc) cells selected by --method/--ipc (default: the whole matrix)."""
+def _cells(args: argparse.Namespace, params: Params) -> list[tuple[str, int, int]]:
+    """The (method, ipc, seed) cells selected by --method/--ipc/--seed (default: the whole matrix)."""
     if args.method is not None and args.method not in params.distill.methods:
         raise ParamsError(f"--method: {args.method!r} is not in distill.methods ({', '.join(params.distill.methods)})")
     if args.ipc is not None and args.ipc not in params.distill.ipcs:
         raise ParamsError(f"--ipc: {args.ipc} is not in distill.ipcs ({list(params.distill.ipcs)})")
+    if args.seed is not None and args.seed not in params.distill.seeds:
+        raise ParamsError(f"--seed: {args.seed} is not in distill.seeds ({list(params.distill.seeds)})")
     methods = [args.method] if args.method else list(params.distill.methods)
     ipcs = [args.ipc] if args.ipc else list(params.distill.ipcs)
-    return [(m, i) for m in methods for i in ipcs]
+    seeds = [args.seed] if args.seed is not None else list(params.distill.seeds)
+    return [(m, i, s) for m in methods for i in ipcs for s in seeds]
 
 
 def cmd_distill(args: argparse.Namespace, params: Params) -> None:
-    for method, ipc in _cells(args, params):
-        _stage("distill")(params, method, ipc)
+    for cell in _cells(args, params):
+        _stage("distill")(params, *cell)
 
 
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
-    for method, ipc in _cells(args, params):
-        _stage("evaluate")(params, method, ipc)
+    for cell in _cells(args, params):
+        _stage("evaluate")(params, *cell)
 
 
 def cmd_baselines(args: argparse.Namespace, params: Params) -> None:
@@ -85,7 +88,8 @@ def cmd_report(args: argparse.Namespace, params: Params) -> None:
 def cmd_run(args: argparse.Namespace, params: Params) -> None:
     from pipeline.runner import run_pipeline
 
-    run_pipeline(params, args.params, targets=args.targets, force=args.force, profiles=args.profile or ())
+    run_pipeline(params, args.params, targets=args.targets, force=args.force, profiles=args.profile or (),
+                 jobs=args.jobs)
 
 
 def cmd_study(args: argparse.Namespace, params: Params) -> None:
@@ -106,7 +110,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Params], Any], str]] = {
     "buffer": (cmd_buffer, "stage: train expert trajectories (AST smooth and/or plain SGD)"),
     "convexify": (cmd_convexify, "stage: MCT convexified copies of the experts (buffer.mct_anchors, mct_beta)"),
     "init": (cmd_init, "stage: representative (k-means) initialisation indices and PCA picture"),
-    "distill": (cmd_distill, "stage: trajectory-matching distillation for a (method, ipc) cell"),
+    "distill": (cmd_distill, "stage: trajectory-matching distillation for a (method, ipc, seed) cell"),
     "evaluate": (cmd_evaluate, "stage: test accuracy of a distilled set over fresh networks"),
     "baselines": (cmd_baselines, "stage: coreset baselines and full-data training"),
     "report": (cmd_report, "stage: results tables and figures (also from MLflow)"),
@@ -146,9 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("distill", "evaluate"):
             cmd.add_argument("--method", help="a name from distill.methods (default: all)")
             cmd.add_argument("--ipc", type=int, help="a value from distill.ipcs (default: all)")
+            cmd.add_argument("--seed", type=int, help="a value from distill.seeds (default: all)")
         if name == "run":
             cmd.add_argument("targets", nargs="*", help="DVC stages to reproduce (default: all)")
             cmd.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+            cmd.add_argument("--jobs", type=int, default=1,
+                             help="stages run at once, each with its share of the CPU cores (default 1: `dvc repro` "
+                                  "with progress bars; `make run` uses every core)")
         if name == "study":
             cmd.add_argument("kind", choices=("buffers", "modules", "sweep"), help="which study")
         if name == "ablate":
@@ -156,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="ablation group (repeatable; default: all)")
             cmd.add_argument("--set", action="append", help="extra override key=value for every experiment")
             cmd.add_argument("--seeds", type=int, nargs="+",
-                             help="repeat each group for these distillation seeds (distill.seed); the report "
-                                  "aggregates them as mean ± std")
+                             help="distil each group with these seeds (distill.seeds, default: params.yaml's); "
+                                  "the report aggregates them as mean ± sample std with paired tests")
     for entry in entry_points(group=PLUGIN_GROUP):
         entry.load()(sub)
     return parser

@@ -29,17 +29,18 @@ def init_file(ipc: int) -> Path:
     return INIT / f"ipc{ipc}.json"
 
 
-def distill_dir(method: str, ipc: int) -> Path:
-    return DISTILL / method / f"ipc{ipc}"
+def distill_dir(method: str, ipc: int, seed: int) -> Path:
+    """One distillation seed's set of a (method, ipc) cell: ``distill/<method>/ipc<k>/seed<s>``."""
+    return DISTILL / method / f"ipc{ipc}" / f"seed{seed}"
 
 
-def distill_checkpoint_dir(method: str, ipc: int) -> Path:
-    return CHECKPOINTS / "distill" / method / f"ipc{ipc}"
+def distill_checkpoint_dir(method: str, ipc: int, seed: int) -> Path:
+    return CHECKPOINTS / "distill" / method / f"ipc{ipc}" / f"seed{seed}"
 
 
-def distill_timing_file(method: str, ipc: int) -> Path:
-    return TIMING / "distill" / method / f"ipc{ipc}.json"
+def distill_timing_file(method: str, ipc: int, seed: int) -> Path:
+    return TIMING / "distill" / method / f"ipc{ipc}" / f"seed{seed}.json"
 
 
-def evaluate_dir(method: str, ipc: int) -> Path:
-    return EVALUATE / method / f"ipc{ipc}"
+def evaluate_dir(method: str, ipc: int, seed: int) -> Path:
+    return EVALUATE / method / f"ipc{ipc}" / f"seed{seed}"

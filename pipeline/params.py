@@ -196,7 +196,7 @@ class DistillParams:
     ipcs: list[int] = field(default_factory=lambda: [10])
     methods: list[str] = field(default_factory=lambda: ["ast"])
     num_experts: int | None = None      # use the first n experts of the buffer (None: all)
-    seed: int | None = None             # seeds distillation only (None: the top-level seed); see distill_seed()
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # one distilled set per seed (a DVC matrix axis)
     checkpoint_every: int = 100
     eval_every: int = 100               # validation accuracy for best-set selection (0: only at the end)
     eval_models: int = 1
@@ -224,8 +224,7 @@ class DistillParams:
             if not key.isdigit():
                 raise ParamsError(f"distill.per_ipc.{key}: keys are ipc values such as '10'")
             from_mapping(Hyper, {**dataclasses.asdict(self.hyper), **self.per_ipc[key]}, f"distill.per_ipc.{key}")
-        if self.seed is not None and self.seed < 0:
-            raise ParamsError(f"distill.seed: {self.seed!r} must be >= 0 or null")
+        check_seeds("distill.seeds", self.seeds)
         if self.num_experts is not None and self.num_experts < 1:
             raise ParamsError(f"distill.num_experts: {self.num_experts!r} must be a positive integer or null (all)")
         check_minimums("distill", self, {"checkpoint_every": 1, "eval_every": 0, "eval_models": 1,
@@ -239,6 +238,7 @@ class DistillParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     num_models: int = 5
+    seed: int = 1000                    # test network i has seed `seed + i`: never a selection network's seed
     iterations: int = 1000
     protocol: str = "ast"
     batch_size: int = 256
@@ -258,7 +258,8 @@ class EvaluateParams:
             if name not in CORESET_METHODS:
                 raise ParamsError(f"evaluate.baselines: {name!r} is unknown; allowed: "
                                   f"{', '.join(CORESET_METHODS)}")
-        check_minimums("evaluate", self, {"num_models": 1, "iterations": 1, "batch_size": 1, "full_data_epochs": 0})
+        check_minimums("evaluate", self, {"num_models": 1, "seed": 0, "iterations": 1, "batch_size": 1,
+                                          "full_data_epochs": 0})
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,12 @@ class Params:
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ParamsError(f"seed: {self.seed!r} must be >= 0")
+        shared = set(self.validation_seeds) & set(self.test_seeds)
+        if shared:
+            raise ParamsError(f"evaluate.seed: test networks {self.test_seeds} would share seeds {sorted(shared)} with "
+                              f"the validation networks that select the kept set (seed .. seed + "
+                              f"distill.eval_models - 1 = {self.validation_seeds}); choose an evaluate.seed >= "
+                              f"{self.seed + self.distill.eval_models}")
         if self.init.buffer not in self.buffer.train:
             raise ParamsError(f"init.buffer: {self.init.buffer!r} is not trained by buffer.train "
                               f"({', '.join(self.buffer.train)})")
@@ -332,7 +339,7 @@ class Params:
             self.check_runnable(name, self.distill.configs[name])
         for name in self.distill.configs:  # every row, run now or by an experiment or study later
             for ipc in self.distill.ipcs:
-                self.distill_config(name, ipc)  # raises ParamsError naming the key
+                self.distill_config(name, ipc, seed=self.distill.seeds[0])  # raises ParamsError naming the key
         for key, name in [("study.method", self.study.method), *(("study.rows", row) for row in self.study.rows)]:
             if name is not None and name not in self.distill.configs:
                 raise ParamsError(f"{key}: {name!r} has no entry in distill.configs "
@@ -364,16 +371,20 @@ class Params:
         return f"distill.configs.{method} (ipc {ipc})"
 
     @property
-    def distill_seed(self) -> int:
-        """Seed of the distillation runs (segment sampling, DSA, batches, random-real init, perturbation).
+    def validation_seeds(self) -> list[int]:
+        """Seeds of the networks that score candidate sets during distillation (selection): `seed` onwards."""
+        return [self.seed + i for i in range(self.distill.eval_models)]
 
-        Separate from `seed`, which also fixes the data split, the experts and the evaluation networks, so
-        repeating distillation over several seeds reuses everything upstream.
-        """
-        return self.seed if self.distill.seed is None else self.distill.seed
+    @property
+    def test_seeds(self) -> list[int]:
+        """Seeds of the networks that score every reported set, distilled or baseline (`evaluate.seed` onwards);
+        disjoint from `validation_seeds` (checked on load), so no reported number was selected on them."""
+        return [self.evaluate.seed + i for i in range(self.evaluate.num_models)]
 
-    def distill_config(self, method: str, ipc: int, changes: dict[str, int | float] | None = None) -> DistillConfig:
-        """The ast_core DistillConfig of one (method, ipc) cell, checked against the buffer length.
+    def distill_config(self, method: str, ipc: int, changes: dict[str, int | float] | None = None, *,
+                       seed: int) -> DistillConfig:
+        """The ast_core DistillConfig of one (method, ipc) cell and distillation `seed` (segment sampling, DSA,
+        batches, random-real init, perturbation: one of `distill.seeds`), checked against the buffer length.
 
         `changes` replaces distill.hyper values (a point of the sweep study's grid).
         """
@@ -384,7 +395,7 @@ class Params:
                 hyper = from_mapping(Hyper, {**dataclasses.asdict(hyper), **overrides}, origin)
         switches = {key: getattr(chosen, key) for key in SWITCH_FIELDS}
         try:
-            config = DistillConfig(ipc=ipc, seed=self.distill_seed, **dataclasses.asdict(hyper), **switches)
+            config = DistillConfig(ipc=ipc, seed=seed, **dataclasses.asdict(hyper), **switches)
         except ValueError as error:
             setting = str(error).split("=", 1)[0]
             raise ParamsError(f"{self._origin(method, ipc, setting, changes)}: {error}") from error

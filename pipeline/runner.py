@@ -1,5 +1,6 @@
 """How the CLI and the Prefect flows call DVC: one `run_dvc`, one way to write and check `-S` overrides, and
-`ast-dd run` (the product's main job: `dvc repro`, or a workspace `dvc exp run` with profile overlays)."""
+`ast-dd run` (the product's main job: `dvc repro`, its stages `--jobs N` at a time, or a workspace `dvc exp run`
+with profile overlays)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from ast_core.io import atomic_write_text
 from pipeline import tracking
 from pipeline.params import Params, load_params, overlay_file, read_overlays
 from pipeline.schema import ParamsError, flatten_keys
+from pipeline.stage_graph import StageNode, stage_graph
 
 log = logging.getLogger(__name__)
 TAIL_LINES = 40
@@ -134,12 +138,53 @@ def ensure_params_file(params_path: str) -> None:
                           f"(cp {params_path} params.yaml), or use --profile or `dvc exp run -S key=value`")
 
 
+def parallel_environment(jobs: int) -> dict[str, str]:
+    """The stage environment for `jobs` stages at once: each stage's torch gets its share of the CPU cores
+    (`OMP_NUM_THREADS`; a value the user exported is kept, and a stage rerun by hand reproduces the same bytes
+    only with the same thread count) and progress bars are off (the lines of concurrent stages go to the log,
+    prefixed by stage)."""
+    env = stage_environment()
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def run_stages(nodes: Sequence[StageNode], jobs: int, force: bool = False) -> None:
+    """Each stage as ``dvc --wait-for-lock repro --single-item <stage>`` once the stages it needs are done, at
+    most `jobs` at a time. DVC decides whether a stage is stale and records it in dvc.lock, as in `dvc repro`
+    (its lock is released while stage commands run, so independent stages overlap). After a failure no new
+    stage starts, the running ones finish, and StageFailed names the stage."""
+    env = parallel_environment(jobs)
+
+    def reproduce(stage: str) -> None:
+        started = time.monotonic()
+        run_dvc(["--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage], env=env,
+                logger=logging.getLogger(f"{__name__}.{stage}"))
+        log.info("%s finished in %.0f s", stage, time.monotonic() - started)
+
+    pending, done = list(nodes), set()
+    running: dict[Future[None], str] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            for node in [n for n in pending if done.issuperset(n.upstream)][:jobs - len(running)]:
+                pending.remove(node)
+                running[pool.submit(reproduce, node.name)] = node.name
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                future.result()  # a failed stage raises here; the pool lets the running ones finish
+                done.add(name)
+
+
 def run_pipeline(params: Params, params_path: str, targets: list[str] | None = None, force: bool = False,
-                 profiles: Sequence[str | Path] = ()) -> None:
-    """`dvc repro [targets]` with stage runs nested under one MLflow run for this execution. With profiles,
-    a workspace `dvc exp run` that writes the overlays' settings into params.yaml (as `-S ++key=value`), so
-    DVC records them and every stage reads them."""
+                 profiles: Sequence[str | Path] = (), jobs: int = 1) -> None:
+    """`dvc repro [targets]` with stage runs nested under one MLflow run for this execution; with `jobs` > 1
+    the stages run `jobs` at a time (`run_stages`). With profiles, a workspace `dvc exp run` that writes the
+    overlays' settings into params.yaml (as `-S ++key=value`), so DVC records them and every stage reads them
+    (one stage at a time: an experiment is one DVC command)."""
     ensure_params_file(params_path)
+    if jobs < 1:
+        raise ParamsError(f"--jobs: {jobs} must be a positive integer")
     options = [*(["--force"] if force else []), *(targets or [])]
     if profiles:
         overrides = profile_overrides(profiles, Path(params_path).resolve().parent)
@@ -149,4 +194,7 @@ def run_pipeline(params: Params, params_path: str, targets: list[str] | None = N
         args = ["repro", *options]
     with tracking.pipeline_run(params.tracking.experiment) as run_id:
         log.info("MLflow parent run %s", run_id)
-        run_dvc(args)
+        if jobs > 1 and not profiles:
+            run_stages(stage_graph(tracking.project_root(), targets), jobs, force)
+        else:
+            run_dvc(args)

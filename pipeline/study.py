@@ -124,7 +124,7 @@ def check(params: Params, kind: str) -> None:
                               "{lr_img: [30, 100]}")
         for point in study.grid_points():
             for ipc in params.distill.ipcs:
-                params.distill_config(study.method, ipc, study.split_point(point)[0])
+                params.distill_config(study.method, ipc, study.split_point(point)[0], seed=study.seeds[0])
     for name, row in rows_of(params, kind).items():  # every configs row x ipc is validated when params load
         params.check_runnable(name, row)
 
@@ -151,7 +151,7 @@ def representative_features(params: Params, data: DatasetSplits, device: torch.d
 
 def test_accuracy(params: Params, images: torch.Tensor, labels: torch.Tensor, lr: float, data: DatasetSplits,
                   device: torch.device) -> dict[str, Any]:
-    result = evaluate_synthetic(images, labels, lr, data, eval_spec(params, "test"), seed=params.seed,
+    result = evaluate_synthetic(images, labels, lr, data, eval_spec(params, "test"), seed=params.test_seeds[0],
                                 device=str(device))
     return {"test_mean": result.mean, "test_std": result.std, "test_per_network": result.accuracies}
 
@@ -180,7 +180,7 @@ def run(params: Params, kind: str) -> pd.DataFrame:
             method = params.study.method if kind == "buffers" else row_name
             for seed in params.study.seeds:
                 name = f"{row_name}-ipc{ipc}-s{seed}"
-                config = dataclasses.replace(params.distill_config(method, ipc), seed=seed)
+                config = params.distill_config(method, ipc, seed=seed)
                 if not _done(kind, name, config):
                     init = initial_synthetic_set(row.init, data.train_x, data.train_y, data.info.num_classes, ipc,
                                                  seed=seed, features=features)
@@ -236,7 +236,7 @@ def run_sweep(params: Params, row: MethodParams, features: torch.Tensor | None, 
             for seed in params.study.seeds:
                 name = f"{method}-{point_label(point)}-ipc{ipc}-s{seed}"
                 hyper, num_experts = params.study.split_point(point)
-                config = dataclasses.replace(params.distill_config(method, ipc, hyper), seed=seed)
+                config = params.distill_config(method, ipc, hyper, seed=seed)
                 if not _done("sweep", name, config):
                     init = initial_synthetic_set(row.init, data.train_x, data.train_y, data.info.num_classes, ipc,
                                                  seed=seed, features=features)
@@ -340,7 +340,7 @@ def modules_report(params: Params) -> pd.DataFrame:
             rows.append({"row": row, "ipc": ipc, "seeds": len(cells), "test_acc": _mean_std(means),
                          "per_seed": " / ".join(f"{v:.2f}" for v in means),
                          "selected_iterations": "/".join(str(c["selected_iteration"]) for c in cells),
-                         "lr_img": params.distill_config(row, ipc).lr_img})
+                         "lr_img": params.distill_config(row, ipc, seed=seeds[0]).lr_img})
             by_iteration: dict[int, list[float]] = {}
             for cell in cells:
                 for point in cell["validation"]:

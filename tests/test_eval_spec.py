@@ -1,10 +1,13 @@
-"""One evaluation spec (issue #18): `EvalSpec` rejects bad values by name, the pipeline builds it from params in one
-place (`pipeline.modelling.eval_spec`), and a set `model.depth` reaches every network a run builds."""
+"""How sets are scored: `EvalSpec` rejects bad values by name, the pipeline builds it from params in one place
+(`pipeline.modelling.eval_spec`), a set `model.depth` reaches every network a run builds, selection never sees
+the test split, and test networks never share a seed with the networks that selected the set."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from ast_core import models
+from ast_core.data import SealedSplitError
 from ast_core.settings import ARCHITECTURES, EVAL_SPLITS, PROTOCOLS, EvalSpec
 from pipeline import study, tracking
 from pipeline.modelling import eval_spec
@@ -103,9 +107,9 @@ def test_model_depth_reaches_student_experts_and_every_evaluation_network(
     params = from_mapping(Params, TINY)
     prepare.run(params)
     stages = {"buffer (experts)": (lambda: buffer.run(params, "sgd"), {"ast_core.experts"}),
-              "distill (student, validation)": (lambda: distill.run(params, "mtt", 1),
+              "distill (student, validation)": (lambda: distill.run(params, "mtt", 1, 0),
                                                 {"pipeline.modelling", "ast_core.evaluate"}),
-              "evaluate (test)": (lambda: evaluate.run(params, "mtt", 1), {"ast_core.evaluate"}),
+              "evaluate (test)": (lambda: evaluate.run(params, "mtt", 1, 0), {"ast_core.evaluate"}),
               "baselines (expert, coresets, full data)": (lambda: baselines.run(params),
                                                           {"pipeline.modelling", "ast_core.evaluate"})}
     for stage, (run, builders) in stages.items():
@@ -117,3 +121,57 @@ def test_model_depth_reaches_student_experts_and_every_evaluation_network(
     data = load_prepared(params).data
     study.test_accuracy(params, data.train_x[:10], data.train_y[:10], 0.01, data, torch.device("cpu"))
     assert built == [("ast_core.evaluate", DEPTH)]
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
+    """TINY's data and expert in a scratch folder, stages untracked: ready to distil."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "stage_run", untracked)
+    params = from_mapping(Params, TINY)
+    prepare.run(params)
+    buffer.run(params, "sgd")
+    return params
+
+
+def test_distill_stage_never_sees_the_test_split(tiny_run: Params, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every scoring during distillation is on validation, and the data it gets has a sealed test split: code
+    that tried to read test there would fail, not leak."""
+    calls: list[tuple[Any, str]] = []
+    score = distill.evaluate_synthetic
+
+    def spy(images: torch.Tensor, labels: torch.Tensor, lr: float, data: Any, spec: EvalSpec, **kwargs: Any) -> Any:
+        calls.append((data, spec.eval_split))
+        return score(images, labels, lr, data, spec, **kwargs)
+
+    monkeypatch.setattr(distill, "evaluate_synthetic", spy)
+    distill.run(tiny_run, "mtt", 1, 0)
+    assert calls and {split for _, split in calls} == {"val"}
+    for data, _ in calls:
+        with pytest.raises(SealedSplitError, match="validation split only"):
+            data.test_x.shape  # noqa: B018 (the access itself is what must fail)
+        with pytest.raises(SealedSplitError):
+            data.test_y[:1]
+    def selection_on_test(params: Params, split: str, arch: str | None = None) -> EvalSpec:
+        return dataclasses.replace(eval_spec(params, split, arch), eval_split="test")
+
+    monkeypatch.setattr(distill, "eval_spec", selection_on_test)
+    with pytest.raises(SealedSplitError):
+        distill.run(tiny_run, "mtt", 1, 1)  # a selection pointed at test cannot run
+
+
+def test_test_networks_never_share_a_seed_with_selection(tiny_run: Params) -> None:
+    """The seeds the distill stage selected with and the seeds every reported number was tested with are written
+    beside the numbers, and never meet; baselines are tested on the very networks the distilled set was."""
+    distill.run(tiny_run, "mtt", 1, 0)
+    evaluate.run(tiny_run, "mtt", 1, 0)
+    baselines.run(tiny_run)
+    selected = json.loads(Path("artifacts/distill/mtt/ipc1/seed0/result.json").read_text())
+    tested = json.loads(Path("artifacts/evaluate/mtt/ipc1/seed0/results.json").read_text())
+    reference = json.loads(Path("artifacts/baselines/results.json").read_text())
+    assert selected["validation_seeds"] == tested["validation_seeds"] == tiny_run.validation_seeds == [0]
+    assert tested["test_seeds"] == reference["test_seeds"] == tiny_run.test_seeds == [1000]
+    assert not set(selected["validation_seeds"]) & set(tested["test_seeds"])
+    network_seeds = [tested["results"]["convnet"]["seeds"], *(row["seeds"] for row in reference["coresets"]),
+                     reference["full_data"]["seeds"]]
+    assert all(seeds == tested["test_seeds"] for seeds in network_seeds)

@@ -83,7 +83,7 @@ def tiny_ready(tiny: Path) -> Path:
 
 
 def test_corrupted_distill_checkpoint_is_named(tiny_ready: Path, caplog) -> None:
-    checkpoint = tiny_ready / "artifacts/checkpoints/distill/ast/ipc1/distill_checkpoint.pt"
+    checkpoint = tiny_ready / "artifacts/checkpoints/distill/ast/ipc1/seed0/distill_checkpoint.pt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"not a checkpoint")
     assert main(["distill"]) == 1
@@ -178,11 +178,11 @@ def test_distill_killed_mid_run_resumes_to_identical_images(tmp_path: Path) -> N
         shutil.copytree(base, path)
     command = ["ast-dd", "distill", "--method", "ast", "--ipc", "1"]
     subprocess.run(command, cwd=runs["clean"], env=stage_env(runs["clean"]), check=True, capture_output=True)
-    assert not (runs["clean"] / "artifacts/checkpoints/distill/ast/ipc1/distill_checkpoint.pt").exists()
-    checkpoint = runs["killed"] / "artifacts/checkpoints/distill/ast/ipc1/distill_checkpoint.pt"
+    assert not (runs["clean"] / "artifacts/checkpoints/distill/ast/ipc1/seed0/distill_checkpoint.pt").exists()
+    checkpoint = runs["killed"] / "artifacts/checkpoints/distill/ast/ipc1/seed0/distill_checkpoint.pt"
     run_killed(command, runs["killed"], stage_env(runs["killed"]), ready=checkpoint.exists)
-    assert not (runs["killed"] / "artifacts/distill/ast/ipc1/synthetic.safetensors").exists()
+    assert not (runs["killed"] / "artifacts/distill/ast/ipc1/seed0/synthetic.safetensors").exists()
     subprocess.run(command, cwd=runs["killed"], env=stage_env(runs["killed"]), check=True, capture_output=True)
     assert not checkpoint.exists()  # a finished cell drops it, so a later rerun starts over
-    out = "artifacts/distill/ast/ipc1/synthetic.safetensors"
+    out = "artifacts/distill/ast/ipc1/seed0/synthetic.safetensors"
     assert (runs["killed"] / out).read_bytes() == (runs["clean"] / out).read_bytes()

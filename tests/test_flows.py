@@ -27,8 +27,8 @@ from tiny import write_tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY_STAGES = {"prepare", "buffer@ast", "buffer@sgd", "convexify@ast", "convexify@sgd", "init", "distill@ast-1",
-               "distill@mtt-1", "evaluate@ast-1", "evaluate@mtt-1", "baselines", "report"}
+TINY_STAGES = {"prepare", "buffer@ast", "buffer@sgd", "convexify@ast", "convexify@sgd", "init", "distill@ast-1-0",
+               "distill@mtt-1-0", "evaluate@ast-1-0", "evaluate@mtt-1-0", "baselines", "report"}
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")]
 
 TOY_STAGE = """\
@@ -170,8 +170,8 @@ def test_results_artifact_and_mlflow_runs_name_the_flow_run(tiny_run) -> None:
     project, state = tiny_run
     flow_run_id = state.state_details.flow_run_id
     markdown = artifact_markdown("ast-pipeline-results", flow_run_id)
-    assert "random (real subset)" in markdown and "| distill@ast-1 | ran |" in markdown
-    assert str(project / "artifacts/distill/ast/ipc1/grid.png") in markdown
+    assert "random (real subset)" in markdown and "| distill@ast-1-0 | ran |" in markdown
+    assert str(project / "artifacts/distill/ast/ipc1/seed0/grid.png") in markdown
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ast-dd-tiny"], output_format="pandas")
     parent = runs[runs["tags.stage"] == "pipeline"]["run_id"].item()
@@ -186,9 +186,9 @@ def test_second_run_of_a_target_leaves_caching_to_dvc(tiny_run) -> None:
     from flows.pipeline_flow import ast_pipeline
 
     project, _ = tiny_run
-    outcomes = ast_pipeline(targets=["evaluate@mtt-1"], project_dir=str(project))
-    needed = {"prepare", "buffer@ast", "buffer@sgd", "convexify@ast", "convexify@sgd", "init", "distill@mtt-1",
-              "evaluate@mtt-1"}
+    outcomes = ast_pipeline(targets=["evaluate@mtt-1-0"], project_dir=str(project))
+    needed = {"prepare", "buffer@ast", "buffer@sgd", "convexify@ast", "convexify@sgd", "init", "distill@mtt-1-0",
+              "evaluate@mtt-1-0"}
     assert outcomes == dict.fromkeys(needed, "up to date")
 
 

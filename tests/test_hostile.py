@@ -122,7 +122,7 @@ def test_fewer_stored_experts_than_requested_stops_distill(ready: Path, caplog, 
     write_params(ready, **changes)
     assert main(["distill"]) == 2
     assert expected in caplog.text
-    assert not (ready / "artifacts/distill/ast/ipc1/synthetic.safetensors").exists()
+    assert not (ready / "artifacts/distill/ast/ipc1/seed0/synthetic.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------ unwritable outputs
@@ -267,13 +267,13 @@ def tracked_fields(cell: Path) -> list[str]:
 
 
 def test_distill_outputs_hold_no_wall_clock_field_and_a_rerun_reproduces_them(ready: Path) -> None:
-    cell = ready / "artifacts/distill/ast/ipc1"
+    cell = ready / "artifacts/distill/ast/ipc1/seed0"
     assert main(["distill", "--method", "ast", "--ipc", "1"]) == 0
     assert not [f for f in tracked_fields(cell) if any(word in f for word in WALL_CLOCK_WORDS)]
     first = {p.name: p.read_bytes() for p in cell.iterdir() if p.suffix in (".json", ".csv", ".safetensors")}
     assert main(["distill", "--method", "ast", "--ipc", "1"]) == 0
     assert {name: (cell / name).read_bytes() for name in first} == first
-    assert json.loads((ready / "artifacts/timing/distill/ast/ipc1.json").read_text())["seconds_per_iteration"] > 0
+    assert json.loads((ready / "artifacts/timing/distill/ast/ipc1/seed0.json").read_text())["seconds_per_iteration"] > 0
 
 
 # ------------------------------------------------------------------------------------------------- .gitignore

@@ -118,7 +118,8 @@ BAD = [
     ("init.expert_index", 7, "init.expert_index"),
     ("distill.ipcs", [0], "distill.ipcs"),
     ("distill.methods", ["nope"], "distill.methods"),
-    ("distill.seed", -2, "distill.seed"),
+    ("distill.seeds", [1, 1], "distill.seeds: [1, 1] must be distinct integers >= 0"),
+    ("evaluate.seed", -1, "evaluate.seed: -1 must be an integer >= 0"),
     ("distill.hyper.lr_img", -100.0, "distill.hyper.lr_img (distill.configs.ast at ipc 1): lr_img=-100.0"),
     ("distill.hyper.max_start_epoch", 30, "distill.hyper.max_start_epoch"),
     ("distill.hyper.batch_syn", 0, "batch_syn"),
@@ -164,13 +165,25 @@ def test_bad_value_names_the_key(tmp_path: Path, key: str, value, message: str) 
     assert message in str(error.value)
 
 
-def test_distill_seed_seeds_only_distillation(tmp_path: Path) -> None:
+def test_distill_seeds_seed_only_distillation(tmp_path: Path) -> None:
     default = load_params(ROOT / "params.yaml")
-    assert default.distill.seed is None and default.distill_config("ast", 10).seed == default.seed
-    data = with_change("distill.seed", 7)
-    seeded = load_params(write(tmp_path, data))
-    assert seeded.distill_seed == 7 and seeded.distill_config("ast", 10).seed == 7
-    assert seeded.seed == default.seed  # the split, experts and evaluation networks keep the top-level seed
+    assert default.distill.seeds == (0, 1, 2)
+    assert [default.distill_config("ast", 10, seed=s).seed for s in default.distill.seeds] == [0, 1, 2]
+    seeded = load_params(write(tmp_path, with_change("distill.seeds", [7])))
+    assert seeded.distill_config("ast", 10, seed=7).seed == 7
+    assert seeded.seed == default.seed  # the split, experts and validation networks keep the top-level seed
+
+
+def test_test_networks_never_share_a_seed_with_selection_networks(tmp_path: Path) -> None:
+    """The default streams are disjoint, and a setting that would make them meet is refused before compute."""
+    default = load_params(ROOT / "params.yaml")
+    assert default.validation_seeds == [0, 1, 2] and default.test_seeds == [1000, 1001, 1002, 1003, 1004]
+    assert not set(default.validation_seeds) & set(default.test_seeds)
+    with pytest.raises(ParamsError, match=r"evaluate.seed: test networks \[2, 3, 4, 5, 6\] would share seeds \[2\]"):
+        load_params(write(tmp_path, with_change("evaluate.seed", 2)))
+    data = with_change("seed", 1000)
+    with pytest.raises(ParamsError, match="evaluate.seed: .* choose an evaluate.seed >= 1003"):
+        load_params(write(tmp_path, data))
 
 
 def test_buffer_variant_gives_the_expert_settings() -> None:
@@ -206,7 +219,8 @@ def test_a_row_may_override_distill_hyper_keys(tmp_path: Path) -> None:
     """distill.configs.<row>.hyper replaces distill.hyper values for that row only (then a grid point wins)."""
     change = with_change("distill.configs.ast.hyper", {"lr_img": 30.0, "syn_steps": 7})
     params = load_params(write(tmp_path, change))
-    assert (params.distill_config("ast", 1).lr_img, params.distill_config("ast", 1).syn_steps) == (30.0, 7)
+    config = params.distill_config("ast", 1, seed=0)
+    assert (config.lr_img, config.syn_steps) == (30.0, 7)
     others = [name for name in params.distill.configs if name != "ast"]
-    assert all(params.distill_config(name, 1).lr_img == params.distill.hyper.lr_img for name in others)
-    assert params.distill_config("ast", 1, {"lr_img": 5.0}).lr_img == 5.0
+    assert all(params.distill_config(name, 1, seed=0).lr_img == params.distill.hyper.lr_img for name in others)
+    assert params.distill_config("ast", 1, {"lr_img": 5.0}, seed=0).lr_img == 5.0

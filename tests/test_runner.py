@@ -42,10 +42,10 @@ def test_run_with_a_profile_is_a_workspace_dvc_experiment(tmp_path: Path, monkey
     assert len(calls) == 2  # nothing ran
 
 
-def test_ablation_rows_add_extra_settings_and_one_seed_per_experiment() -> None:
+def test_ablation_rows_add_extra_settings_and_the_seeds_to_one_experiment_per_group() -> None:
     rows = ablation.ablation_rows({"mct": {"distill.methods": ["mtt"]}}, {"seed": 1}, seeds=[0, 2])
-    assert rows == {"ablation-mct-s0": {"distill.methods": ["mtt"], "seed": 1, "distill.seed": 0},
-                    "ablation-mct-s2": {"distill.methods": ["mtt"], "seed": 1, "distill.seed": 2}}
+    assert rows == {"ablation-mct": {"distill.methods": ["mtt"], "seed": 1, "distill.seeds": [0, 2]}}
+    assert ablation.ablation_rows({"mct": {"seed": 1}}) == {"ablation-mct": {"seed": 1}}
     assert list(ablation.ablation_rows()) == [f"ablation-{group}" for group in ablation.GROUPS]
     with pytest.raises(ParamsError, match="--group: 'nope' is unknown; allowed: buffers, modules, mct"):
         ablation.select_groups(["nope"])

@@ -180,7 +180,7 @@ def test_cell_runs_carry_the_settings_and_both_accuracies(tiny: Path) -> None:
     logged = flatten_keys(cell_params(params, "ast", 1))
     assert {"ipc", "buffer", "mct_anchors", "init", "config.lr_img", "config.balanced_loss",
             "config.intermediate_matching", "config.perturb_rho", "config.syn_steps"} <= set(logged)
-    result = tiny / "artifacts" / "distill" / "ast" / "ipc1" / "result.json"
+    result = tiny / "artifacts" / "distill" / "ast" / "ipc1" / "seed0" / "result.json"
     result.parent.mkdir(parents=True)
     result.write_text(json.dumps({"best_val_acc": 61.5}))
     results = {arch: {"mean": 70.0 + index} for index, arch in enumerate(params.evaluate.archs)}

@@ -1,6 +1,7 @@
 """Stage `baselines`: coreset baselines (random, herding, k-center, k-means) and full-data training.
 
-Same evaluation protocol as the distilled sets, with lr = the lr of the experts the features come from
+Same evaluation protocol and the same test networks (seeds `Params.test_seeds`) as the distilled sets, so each
+comparison with a distilled set is paired network by network, with lr = the lr of the experts the features come from
 (`buffer.variants.<init.buffer>.lr`: real images are trained like the experts were), features from the init
 stage's expert (`init.buffer`, `init.expert_index`). ``metrics.json`` holds one scalar key per subset and
 architecture (``<subset>_ipc<k>.<arch>.mean``, ``full_data.<arch>.mean``) for `dvc exp show` and
@@ -49,8 +50,9 @@ def run(params: Params) -> None:
             subsets.set_postfix_str(f"{method} ipc{ipc}")
             index = select_coreset(method, data.train_x, data.train_y, data.info.num_classes, ipc,
                                    features=features, seed=params.seed)
-            result = evaluate_synthetic(data.train_x[index], data.train_y[index], lr, data, spec, seed=params.seed,
-                                        device=str(device), progress=f"baseline {method} ipc{ipc}")
+            result = evaluate_synthetic(data.train_x[index], data.train_y[index], lr, data, spec,
+                                        seed=params.test_seeds[0], device=str(device),
+                                        progress=f"baseline {method} ipc{ipc}")
             rows.append({"method": method, "ipc": ipc, **result.as_dict()})
             scalars[metric_key(method, ipc)] = {arch: scores(result)}
             tracker.log_metrics({f"{method}_ipc{ipc}_mean": result.mean, f"{method}_ipc{ipc}_std": result.std})
@@ -58,10 +60,12 @@ def run(params: Params) -> None:
         full = None
         if ev.full_data_epochs:
             result = train_on_real(data, dataclasses.replace(spec, num_models=1), epochs=ev.full_data_epochs,
-                                   lr=lr, seed=params.seed, device=str(device), progress="full training split")
+                                   lr=lr, seed=params.test_seeds[0], device=str(device),
+                                   progress="full training split")
             full, scalars["full_data"] = result.as_dict(), {arch: scores(result)}
             tracker.log_metrics({"full_data_mean": result.mean})
-        atomic_write_json(BASELINES / "results.json", {"protocol": protocol_note(params), "coresets": rows,
-                                                       "full_data": full})
+        details = {"protocol": protocol_note(params), "test_seeds": params.test_seeds, "coresets": rows,
+                   "full_data": full}
+        atomic_write_json(BASELINES / "results.json", details)
         atomic_write_json(BASELINES / "metrics.json", scalars)
         tracker.log_artifacts([BASELINES / "results.json", BASELINES / "metrics.json"])

@@ -1,6 +1,11 @@
-"""Stage `distill`: one (method, ipc) cell of the matrix: trajectory matching with the method's AST/MCT switches.
+"""Stage `distill`: one (method, ipc, seed) cell of the matrix: trajectory matching with the method's AST/MCT
+switches, from distillation seed `seed` (one of `distill.seeds`).
 
-Outputs (``artifacts/distill/<method>/ipc<k>/``): ``synthetic.safetensors`` (best-by-validation and final
+The stage never sees the test split: the prepared data it works on has its test split sealed (any access raises
+`SealedSplitError`), so the kept set is selected on the validation split by construction. The validation
+networks have seeds `Params.validation_seeds`, disjoint from the test networks' (`Params.test_seeds`).
+
+Outputs (``artifacts/distill/<method>/ipc<k>/seed<s>/``): ``synthetic.safetensors`` (best-by-validation and final
 images in distillation space, labels, alpha), ``grid.png`` (best set, pixels after inverse ZCA),
 ``final_grid.png`` (the set after the last iteration),
 ``history.csv`` (per iteration), ``validation.csv`` (validation accuracy after k updates, k = 0 is the
@@ -69,33 +74,33 @@ def check_buffer_matches(trajectories: list, flat_model: FlatModel, folder: Path
                              "architecture or width; rerun the buffer stage")
 
 
-def cell_params(params: Params, method: str, ipc: int) -> dict[str, Any]:
+def cell_params(params: Params, method: str, ipc: int, seed: int) -> dict[str, Any]:
     """Every setting that produces one cell's distilled set (method switches and hyper values under
-    ``config.*``, buffer variant, ipc, ...): the params of its distill and evaluate runs in MLflow."""
+    ``config.*``, buffer variant, ipc, seed, ...): the params of its distill and evaluate runs in MLflow."""
     chosen = params.distill.configs[method]
-    return {"method": method, "ipc": ipc, "buffer": chosen.buffer, "mct_anchors": chosen.mct_anchors,
-            "init": chosen.init, "config": dataclasses.asdict(params.distill_config(method, ipc)),
+    return {"method": method, "ipc": ipc, "seed": seed, "buffer": chosen.buffer, "mct_anchors": chosen.mct_anchors,
+            "init": chosen.init, "config": dataclasses.asdict(params.distill_config(method, ipc, seed=seed)),
             "model": to_mapping(params.model),
             "eval": {"every": params.distill.eval_every, "models": params.distill.eval_models,
-                     "iterations": params.distill.eval_iterations}}
+                     "iterations": params.distill.eval_iterations, "seeds": params.validation_seeds}}
 
 
-def cell_tags(params: Params, method: str, ipc: int) -> dict[str, str]:
-    return {"method": method, "ipc": str(ipc), "distill_seed": str(params.distill_seed)}
+def cell_tags(method: str, ipc: int, seed: int) -> dict[str, str]:
+    return {"method": method, "ipc": str(ipc), "distill_seed": str(seed)}
 
 
-def run(params: Params, method: str, ipc: int) -> None:
-    config = params.distill_config(method, ipc)
+def run(params: Params, method: str, ipc: int, seed: int) -> None:
+    config = params.distill_config(method, ipc, seed=seed)
     chosen = params.distill.configs[method]
     device = resolve_device(params.device)
-    out, checkpoints = distill_dir(method, ipc), distill_checkpoint_dir(method, ipc)
-    claim_outputs([out], [checkpoints, distill_timing_file(method, ipc).parent])
-    with tracking.stage_run("distill", params.tracking.experiment, f"distill-{method}-ipc{ipc}",
-                            cell_params(params, method, ipc), cell_tags(params, method, ipc)) as tracker:
+    out, checkpoints = distill_dir(method, ipc, seed), distill_checkpoint_dir(method, ipc, seed)
+    claim_outputs([out], [checkpoints, distill_timing_file(method, ipc, seed).parent])
+    with tracking.stage_run("distill", params.tracking.experiment, f"distill-{method}-ipc{ipc}-s{seed}",
+                            cell_params(params, method, ipc, seed), cell_tags(method, ipc, seed)) as tracker:
         prepared = load_prepared(params)
-        data = prepared.data
+        data = prepared.data.without_test("the distill stage selects sets on the validation split only")
         trajectories = [t.to(device) for t in load_trajectories(params, chosen.buffer, chosen.mct_anchors)]
-        init = initial_images(params, chosen.init, ipc, data)
+        init = initial_images(params, chosen.init, ipc, seed, data)
         result = distill_set(params, config, trajectories, init, data, device, checkpoints,
                              buffer_dir(chosen.buffer))
         best_images = result.best.images if result.best else result.images
@@ -110,16 +115,17 @@ def run(params: Params, method: str, ipc: int) -> None:
         atomic_write_csv(out / "validation.csv", result.validation, columns=("iteration", "val_acc"))
         history = result.history
         distilled = result.best is not None and result.best.distilled
-        summary = {"method": method, "ipc": ipc, "distilled": distilled,
+        summary = {"method": method, "ipc": ipc, "seed": seed, "distilled": distilled,
                    "best_iteration": result.best.iteration if result.best else None,
                    "best_val_acc": result.best.val_acc if result.best else None,
                    "initial_val_acc": next((r["val_acc"] for r in result.validation if r["iteration"] == 0), None),
                    "syn_lr": best_lr, "final_syn_lr": result.syn_lr,
                    "iterations": config.iterations, "skipped_iterations": int(sum(r["skipped"] for r in history)),
-                   "init": chosen.init, "buffer": chosen.buffer, "mct_anchors": chosen.mct_anchors}
+                   "init": chosen.init, "buffer": chosen.buffer, "mct_anchors": chosen.mct_anchors,
+                   "validation_seeds": params.validation_seeds}
         atomic_write_json(out / "result.json", summary)
         timing = {"seconds_per_iteration": sum(r["seconds"] for r in history) / len(history)}
-        atomic_write_json(distill_timing_file(method, ipc), timing)
+        atomic_write_json(distill_timing_file(method, ipc, seed), timing)
         tracker.log_series(result.history, SERIES, "iteration")
         tracker.log_series(result.validation, ["val_acc"], "iteration")
         tracker.log_metrics({**{k: v for k, v in summary.items() if isinstance(v, int | float) and k != "ipc"},
@@ -129,11 +135,11 @@ def run(params: Params, method: str, ipc: int) -> None:
         # DVC reruns a finished cell only when a dependency changed: resuming would hand back the old result
         DistillCheckpoint(checkpoints).remove()
         if distilled:
-            log.info("distilled %s ipc %d: best val acc %s at iteration %s", method, ipc, summary["best_val_acc"],
-                     summary["best_iteration"])
+            log.info("distilled %s ipc %d seed %d: best val acc %s at iteration %s", method, ipc, seed,
+                     summary["best_val_acc"], summary["best_iteration"])
         else:
-            log.warning("NOT distilled: %s ipc %d kept its initial set (validation %s at iteration 0 was never "
-                        "beaten); result.json says distilled: false", method, ipc, summary["best_val_acc"])
+            log.warning("NOT distilled: %s ipc %d seed %d kept its initial set (validation %s at iteration 0 was "
+                        "never beaten); result.json says distilled: false", method, ipc, seed, summary["best_val_acc"])
 
 
 def untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -142,11 +148,13 @@ def untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
 
 
 def validation_evaluator(params: Params, data: DatasetSplits, device: torch.device) -> Evaluator:
-    """Validation accuracy of a synthetic set (model selection; never the test split)."""
+    """Validation accuracy of a synthetic set (model selection; never the test split): networks of seeds
+    `Params.validation_seeds`."""
     spec = eval_spec(params, "val")
 
     def validation_accuracy(images: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
-        return evaluate_synthetic(images, labels, lr, data, spec, seed=params.seed, device=str(device)).mean
+        return evaluate_synthetic(images, labels, lr, data, spec, seed=params.validation_seeds[0],
+                                  device=str(device)).mean
     return validation_accuracy
 
 
@@ -172,7 +180,7 @@ def load_trajectories(params: Params, variant: str, mct_anchors: int | None) -> 
     return load_buffer(convex_dir(variant), convex_tag(mct_anchors, params.buffer.mct_beta), params.distill.num_experts)
 
 
-def initial_images(params: Params, init: str, ipc: int, data: DatasetSplits) -> SyntheticInit:
+def initial_images(params: Params, init: str, ipc: int, seed: int, data: DatasetSplits) -> SyntheticInit:
     """The method's starting set: representative indices from the init stage, random real, or noise."""
     if init == "representative":
         path = init_file(ipc)
@@ -181,4 +189,4 @@ def initial_images(params: Params, init: str, ipc: int, data: DatasetSplits) -> 
         indices = torch.tensor(json.loads(path.read_text())["indices"], dtype=torch.long)
         return SyntheticInit(data.train_x[indices].clone(), data.train_y[indices], indices)
     return initial_synthetic_set(init, data.train_x, data.train_y, data.info.num_classes, ipc,
-                                 seed=params.distill_seed)
+                                 seed=seed)
