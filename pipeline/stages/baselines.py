@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ast_core.baselines import select_coreset
 from ast_core.evaluate import evaluate_synthetic, train_on_real
 from ast_core.io import atomic_write_json
+from ast_core.machine import describe_machine
 from pipeline import tracking
 from pipeline.layout import BASELINES
 from pipeline.modelling import eval_spec, final_expert
@@ -64,8 +65,8 @@ def run(params: Params) -> None:
                                    progress="full training split")
             full, scalars["full_data"] = result.as_dict(), {arch: scores(result)}
             tracker.log_metrics({"full_data_mean": result.mean})
-        details = {"protocol": protocol_note(params), "test_seeds": params.test_seeds, "coresets": rows,
-                   "full_data": full}
+        details = {"protocol": protocol_note(params), "test_seeds": params.test_seeds,
+                   "machine": describe_machine(str(device)), "coresets": rows, "full_data": full}
         atomic_write_json(BASELINES / "results.json", details)
         atomic_write_json(BASELINES / "metrics.json", scalars)
         tracker.log_artifacts([BASELINES / "results.json", BASELINES / "metrics.json"])

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from ast_core.evaluate import EvalResult, evaluate_synthetic
 from ast_core.io import atomic_write_json
+from ast_core.machine import describe_machine
 from pipeline import tracking
 from pipeline.layout import distill_dir, evaluate_dir
 from pipeline.modelling import eval_spec
@@ -84,7 +85,8 @@ def run(params: Params, method: str, ipc: int, seed: int) -> None:
             log.info("%s ipc %d seed %d on %s: %.2f ± %.2f", method, ipc, seed, arch, result.mean, result.std)
         tracker.log_metrics(comparison_metrics(params, method, ipc, seed, results))
         details = {"method": method, "ipc": ipc, "seed": seed, "syn_lr": lr, "protocol": protocol_note(params),
-                   "test_seeds": params.test_seeds, "validation_seeds": params.validation_seeds, "results": results}
+                   "test_seeds": params.test_seeds, "validation_seeds": params.validation_seeds,
+                   "machine": describe_machine(str(device)), "results": results}
         atomic_write_json(out / "results.json", details)
         atomic_write_json(out / "metrics.json", {metric_key(method, ipc, seed): {**scalars, "syn_lr": lr}})
         tracker.log_artifacts([out / "results.json", out / "metrics.json"])

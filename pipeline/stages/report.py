@@ -154,6 +154,7 @@ def _results_note(evaluations: list[dict[str, Any]], baselines: dict[str, Any] |
              f"Test networks: seeds {_distinct([f['test_seeds'] for f in files])}; validation (set selection) "
              f"networks: seeds {_distinct([d['validation_seeds'] for d in evaluations] or ['n/a'])}; "
              f"distillation seeds: {', '.join(map(str, sorted({d['seed'] for d in evaluations}))) or 'n/a'}.",
+             f"Machine (test networks trained on): {_distinct([f.get('machine', 'not recorded') for f in files])}.",
              f"Distilled rows: test_acc is the mean ± sample std (ddof 1) over distillation seeds of each seed's "
              f"mean over {_distinct(networks or ['n/a'])} test networks; per_seed and kept_iterations (the "
              f"iteration kept on validation; 0 = the initial set was kept, not distilled) list the seeds in "
