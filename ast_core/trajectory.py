@@ -57,6 +57,15 @@ FORMAT = "ast-dd-trajectory"
 FORMAT_VERSION = "1"
 KINDS = ("plain", "convex")
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    """The storage dtype a setting names ('float32', 'float16', 'bfloat16')."""
+    dtype = getattr(torch, name, None)
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {name!r} is unknown; allowed: "
+                         f"{', '.join(str(d).removeprefix('torch.') for d in STORAGE_DTYPES)}")
+    return dtype
 _TAG = re.compile(r"^[A-Za-z0-9_-]+$")
 
 

@@ -1,5 +1,6 @@
-"""Offline and telemetry defaults applied to every command the project runs (see ECOSYSTEM.md); the Makefile
-reads them from `python pipeline/environment.py` (KEY=VALUE lines), so the list exists once."""
+"""Offline and telemetry defaults applied to every command the project runs (no analytics or update checks
+leave the machine); the Makefile reads them from `python pipeline/environment.py` (KEY=VALUE lines), so the
+list exists once."""
 
 import os
 

@@ -8,13 +8,16 @@ from typing import Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ast_core.data import DatasetInfo
-from ast_core.models import FlatModel, build_model
+from ast_core.models import FlatModel, batched_features, build_model
 from ast_core.settings import EvalSpec
 from ast_core.trajectory import expert_path, load_trajectory
 from pipeline.layout import buffer_dir
 from pipeline.params import Params
+
+FEATURE_CHUNK = 4096  # images per progress-bar update of `expert_features`
 
 
 def student(params: Params, info: DatasetInfo) -> nn.Module:
@@ -50,3 +53,13 @@ def final_expert(params: Params, info: DatasetInfo, variant: str, index: int,
     flat_model = FlatModel(student(params, info))
     flat_model.load_into_module(trajectory.at(float(trajectory.num_epochs)).float())
     return flat_model.module.to(device).eval()
+
+
+def expert_features(expert: nn.Module, images: torch.Tensor, device: torch.device, label: str) -> torch.Tensor:
+    """The expert's features (`embed`) of every image, computed in chunks under a labelled progress bar."""
+    parts = []
+    with tqdm(total=len(images), desc=label, unit="image", unit_scale=True) as bar:
+        for chunk in images.split(FEATURE_CHUNK):
+            parts.append(batched_features(lambda x: expert.embed(x.to(device)).cpu(), chunk))
+            bar.update(len(chunk))
+    return torch.cat(parts)

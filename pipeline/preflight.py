@@ -110,16 +110,11 @@ def check_tracking_store(uri: str) -> None:
                          f"http(s)://<server>, {', '.join(f'{name}://' for name in DATABASES)} or databricks")
 
 
-def check_experiment_name(name: str) -> None:
-    if not name.strip():
-        raise UsageError("tracking.experiment: the MLflow experiment name is empty; give one, e.g. `ast-dd`")
-
-
 def preflight(experiment: str | None = None) -> None:
     """Outputs writable, MLflow store usable and (when given) `tracking.experiment` a valid name."""
     from pipeline import tracking  # imports MLflow: only for commands that compute
 
     check_writable(ARTIFACTS.resolve(), "artifacts")  # stages write relative to the working copy
     if experiment is not None:
-        check_experiment_name(experiment)
+        tracking.check_experiment_name(experiment)
     check_tracking_store(tracking.tracking_uri())

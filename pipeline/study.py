@@ -43,14 +43,14 @@ from ast_core.experts import train_experts
 from ast_core.init import SyntheticInit, initial_synthetic_set
 from ast_core.io import atomic_write_json
 from ast_core.models import batched_features
-from ast_core.trajectory import convex_tag, convexify_buffer, list_buffer, load_buffer, read_metadata
+from ast_core.trajectory import convex_tag, convexify_buffer, list_buffer, load_buffer, read_metadata, storage_dtype
 from ast_core.viz import plot_curves
 from pipeline.layout import ARTIFACTS, CHECKPOINTS, REPORT
 from pipeline.modelling import eval_spec, final_expert
 from pipeline.params import Hyper, MethodParams, Params
 from pipeline.prepared import class_balanced_subset, load_prepared, resolve_device
 from pipeline.schema import ParamsError
-from pipeline.stages.buffer import DTYPES, expert_config, expert_scheduler
+from pipeline.stages.buffer import expert_config, expert_scheduler
 from pipeline.stages.distill import distill_set
 from pipeline.stages.report import write_table
 
@@ -135,11 +135,12 @@ def train_buffers(params: Params, data: DatasetSplits) -> None:
     for variant in params.buffer.train:
         log.info("study: experts of %s", variant)
         train_experts(experts, expert_config(params, variant), EXPERTS / variant, params.buffer.num_experts,
-                      seed=params.seed, dtype=DTYPES[params.buffer.storage_dtype], scheduler=expert_scheduler(params))
+                      seed=params.seed, dtype=storage_dtype(params.buffer.storage_dtype),
+                      scheduler=expert_scheduler(params))
         summarize_buffer(EXPERTS / variant, params.buffer.num_experts)
         for anchors in params.buffer.mct_anchors:
             convexify_buffer(EXPERTS / variant, anchors, params.buffer.mct_beta, limit=params.buffer.num_experts,
-                             dtype=DTYPES[params.buffer.storage_dtype], out_dir=EXPERTS / variant / "convex")
+                             dtype=storage_dtype(params.buffer.storage_dtype), out_dir=EXPERTS / variant / "convex")
 
 
 def representative_features(params: Params, data: DatasetSplits, device: torch.device) -> torch.Tensor:

@@ -32,7 +32,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.preflight import check_experiment_name
 from pipeline.schema import UsageError, flatten_keys
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,11 @@ PREFECT_ENV = "AST_DD_PREFECT_FLOW_RUN_ID"
 PID_TAG, HOST_TAG, EXP_KEY_TAG = "ast_dd_pid", "ast_dd_host", "ast_dd_exp_key"
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 BATCH = 1000
+
+
+def check_experiment_name(name: str) -> None:
+    if not name.strip():
+        raise UsageError("tracking.experiment: the MLflow experiment name is empty; give one, e.g. `ast-dd`")
 
 
 def project_root() -> Path:

@@ -9,10 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline import results_document
 from pipeline.ablation import ablation_rows, experiment_name, run_ablations
 from pipeline.params import Params
 from pipeline.schema import ParamsError
 from pipeline.stages import report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TEST_SEEDS = [1000, 1001]
 
@@ -168,3 +171,21 @@ def test_curves_and_grids_are_named_per_seed(tmp_path, monkeypatch) -> None:
     assert sorted(p.name for p in report.grids(cells)) == ["ast-ipc10-s0-best.png", "ast-ipc10-s1-best.png"]
 
 
+
+
+def test_the_committed_results_page_is_what_the_committed_tables_render() -> None:
+    """docs/results.md holds no hand-typed number: rendering the committed tables gives it back exactly."""
+    assert results_document.render(ROOT / "artifacts/report/tables") == (ROOT / "docs/results.md").read_text()
+
+
+def test_results_page_shows_tables_with_their_origin_and_lists_stale_studies(tmp_path: Path) -> None:
+    (tmp_path / "results.md").write_text("## Results on digits\n\n- protocol note\n\n| method |\n|:--|\n| ast |\n")
+    (tmp_path / "seeds.md").write_text("## DVC experiments\n\n(no rows)\n")
+    (tmp_path / "modules_study.md").write_text("## Table VIII\n\n| row |\n")
+    page = results_document.render(tmp_path)
+    assert "## Default profile\n\n`make run` on `params.yaml`" in page
+    assert "- protocol note\n\n| method |\n|:--|\n| ast |\n" in page and "Results on digits" not in page
+    assert "DVC experiments over distillation seeds" not in page  # an empty table is left out
+    assert "Expert buffers" not in page  # so is a missing one
+    assert "## Studies awaiting re-production" in page
+    assert "[modules_study.md](../artifacts/report/tables/modules_study.md)" in page and "| row |" not in page

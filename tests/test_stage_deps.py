@@ -68,3 +68,43 @@ def test_the_import_walk_sees_lazy_and_from_imports(tmp_path: Path) -> None:
     code = stage_code("distill")
     for module in ("ast_core/distill.py", "ast_core/settings.py", "pipeline/params.py", "ast_core/init.py"):
         assert ROOT / module in code
+
+
+STAGE_MODULES = {f"pipeline.stages.{path.stem}" for path in (ROOT / "pipeline" / "stages").glob("*.py")
+                 if path.stem != "__init__"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_no_stage_imports_another_stage(stage: str) -> None:
+    """What two stages share lives in a shared module, so a stage's deps are its own code."""
+    imported = imported_modules(ROOT / "pipeline" / "stages" / f"{stage}.py") & STAGE_MODULES
+    assert not imported, f"stage {stage!r} imports {sorted(imported)}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stage_depends_on_no_code_it_does_not_run(stage: str) -> None:
+    """An edit to code a stage never runs must not rerun it: its code deps are exactly what it imports."""
+    spec = STAGES[stage].get("do", STAGES[stage])
+    code = {d for d in spec.get("deps", []) if isinstance(d, str) and d.endswith(".py")}
+    runs = {p.relative_to(ROOT).as_posix() for p in stage_code(stage)}
+    assert code == runs, f"dvc.yaml stage {stage!r}: extra {sorted(code - runs)}, missing {sorted(runs - code)}"
+
+
+def test_pipeline_modules_import_no_circle() -> None:
+    """No two pipeline modules import each other (directly or through others)."""
+    modules = {f"pipeline.{p.stem}": p for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__"}
+    graph = {name: {m for m in imported_modules(path) if m in modules} for name, path in modules.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        todo, seen = list(graph[start]), set()
+        while todo:
+            name = todo.pop()
+            if name == goal:
+                return True
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+        return False
+
+    circles = sorted(name for name in graph if reaches(name, name))
+    assert not circles, f"modules on an import circle: {circles}"

@@ -173,18 +173,18 @@ def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_cell_runs_carry_the_settings_and_both_accuracies(tiny: Path) -> None:
-    from pipeline.stages.distill import cell_params
+    from pipeline.cells import cell_params
     from pipeline.stages.evaluate import comparison_metrics
 
     params = load_params(tiny / "params.yaml")
-    logged = flatten_keys(cell_params(params, "ast", 1))
-    assert {"ipc", "buffer", "mct_anchors", "init", "config.lr_img", "config.balanced_loss",
+    logged = flatten_keys(cell_params(params, "ast", 1, 0))
+    assert {"ipc", "seed", "eval.seeds", "buffer", "mct_anchors", "init", "config.lr_img", "config.balanced_loss",
             "config.intermediate_matching", "config.perturb_rho", "config.syn_steps"} <= set(logged)
     result = tiny / "artifacts" / "distill" / "ast" / "ipc1" / "seed0" / "result.json"
     result.parent.mkdir(parents=True)
     result.write_text(json.dumps({"best_val_acc": 61.5}))
     results = {arch: {"mean": 70.0 + index} for index, arch in enumerate(params.evaluate.archs)}
-    assert comparison_metrics(params, "ast", 1, results) == {"test_acc": results[params.model.arch]["mean"],
+    assert comparison_metrics(params, "ast", 1, 0, results) == {"test_acc": results[params.model.arch]["mean"],
                                                              "best_val_acc": 61.5}
 
 

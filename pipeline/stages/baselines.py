@@ -20,14 +20,13 @@ from ast_core.evaluate import evaluate_synthetic, train_on_real
 from ast_core.io import atomic_write_json
 from ast_core.machine import describe_machine
 from pipeline import tracking
+from pipeline.cells import metric_key, protocol_note, scores
 from pipeline.layout import BASELINES
-from pipeline.modelling import eval_spec, final_expert
+from pipeline.modelling import eval_spec, expert_features, final_expert
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
-from pipeline.stages.evaluate import metric_key, protocol_note, scores
-from pipeline.stages.init import expert_features
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,11 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from ast_core.expert_reports import summarize_buffer
 from ast_core.experts import GRAD_NORM_KEYS, ExpertConfig, ExpertScheduler, LocalScheduler, train_experts
 from ast_core.io import atomic_write_json
-from ast_core.trajectory import list_buffer, read_metadata
+from ast_core.trajectory import list_buffer, read_metadata, storage_dtype
 from pipeline import tracking
 from pipeline.distributed import DaskScheduler
 from pipeline.layout import buffer_dir
@@ -23,7 +22,6 @@ from pipeline.prepared import class_balanced_subset, load_prepared, resolve_devi
 from pipeline.schema import ParamsError, to_mapping
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SIGNATURE = "data_signature.json"
 
 
@@ -92,7 +90,7 @@ def run(params: Params, variant: str) -> None:
         prepared = load_prepared(params)
         data = class_balanced_subset(prepared.data, params.buffer.train_size, params.seed)
         train_experts(data, config, folder, params.buffer.num_experts, seed=params.seed,
-                      dtype=DTYPES[params.buffer.storage_dtype], scheduler=expert_scheduler(params))
+                      dtype=storage_dtype(params.buffer.storage_dtype), scheduler=expert_scheduler(params))
         summary = summarize_buffer(folder, params.buffer.num_experts)
         sizes = {"plain": sum(p.stat().st_size for p in list_buffer(folder))}
         log_buffer_metrics(tracker, folder, summary, sizes)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import shutil
 
 from ast_core.io import atomic_write_json
-from ast_core.trajectory import convex_tag, convexify_buffer, list_buffer
+from ast_core.trajectory import convex_tag, convexify_buffer, list_buffer, storage_dtype
 from pipeline import tracking
 from pipeline.layout import buffer_dir, convex_dir
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.schema import ParamsError
-from pipeline.stages.buffer import DTYPES
 
 
 def run(params: Params, variant: str) -> None:
@@ -36,7 +35,7 @@ def run(params: Params, variant: str) -> None:
         sizes = {"plain": sum(p.stat().st_size for p in list_buffer(source)[: params.buffer.num_experts])}
         for anchors in params.buffer.mct_anchors:
             written = convexify_buffer(source, num_anchors=anchors, beta=params.buffer.mct_beta,
-                                       dtype=DTYPES[params.buffer.storage_dtype], overwrite=True, out_dir=out,
+                                       dtype=storage_dtype(params.buffer.storage_dtype), overwrite=True, out_dir=out,
                                        limit=params.buffer.num_experts)
             sizes[convex_tag(anchors, params.buffer.mct_beta)] = sum(p.stat().st_size for p in written)
         out.mkdir(parents=True, exist_ok=True)

@@ -17,11 +17,9 @@ cell by hand reproduces its outputs and DVC does not report them modified.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -36,6 +34,7 @@ from ast_core.models import FlatModel
 from ast_core.trajectory import convex_tag, load_buffer
 from ast_core.viz import save_image_grid
 from pipeline import tracking
+from pipeline.cells import cell_params, cell_tags
 from pipeline.checks import check_experts
 from pipeline.layout import (
     buffer_dir,
@@ -49,7 +48,6 @@ from pipeline.modelling import eval_spec, student
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
-from pipeline.schema import to_mapping
 
 log = logging.getLogger(__name__)
 SERIES = ("loss", "matching_loss", "inner_loss", "inner_loss_balanced", "syn_lr", "start_epoch", "image_rms",
@@ -72,21 +70,6 @@ def check_buffer_matches(trajectories: list, flat_model: FlatModel, folder: Path
             raise ValueError(f"expert {index} in {folder} has {trajectory.num_params} parameters but the student "
                              f"({flat_model.num_params}) does not match: the buffer comes from another dataset, "
                              "architecture or width; rerun the buffer stage")
-
-
-def cell_params(params: Params, method: str, ipc: int, seed: int) -> dict[str, Any]:
-    """Every setting that produces one cell's distilled set (method switches and hyper values under
-    ``config.*``, buffer variant, ipc, seed, ...): the params of its distill and evaluate runs in MLflow."""
-    chosen = params.distill.configs[method]
-    return {"method": method, "ipc": ipc, "seed": seed, "buffer": chosen.buffer, "mct_anchors": chosen.mct_anchors,
-            "init": chosen.init, "config": dataclasses.asdict(params.distill_config(method, ipc, seed=seed)),
-            "model": to_mapping(params.model),
-            "eval": {"every": params.distill.eval_every, "models": params.distill.eval_models,
-                     "iterations": params.distill.eval_iterations, "seeds": params.validation_seeds}}
-
-
-def cell_tags(method: str, ipc: int, seed: int) -> dict[str, str]:
-    return {"method": method, "ipc": str(ipc), "distill_seed": str(seed)}
 
 
 def run(params: Params, method: str, ipc: int, seed: int) -> None:

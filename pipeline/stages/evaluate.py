@@ -17,28 +17,19 @@ import logging
 
 from safetensors.torch import load_file
 
-from ast_core.evaluate import EvalResult, evaluate_synthetic
+from ast_core.evaluate import evaluate_synthetic
 from ast_core.io import atomic_write_json
 from ast_core.machine import describe_machine
 from pipeline import tracking
+from pipeline.cells import cell_params, cell_tags, metric_key, protocol_note, scores
 from pipeline.layout import distill_dir, evaluate_dir
 from pipeline.modelling import eval_spec
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
-from pipeline.stages.distill import cell_params, cell_tags
 
 log = logging.getLogger(__name__)
-
-
-def protocol_note(params: Params) -> str:
-    ev = params.evaluate
-    unit = "iterations, lr halved at half (AST)" if ev.protocol == "ast" else "epochs, lr x0.1 at half (MTT)"
-    return (f"test accuracy of {ev.num_models} fresh networks (seeds {params.test_seeds[0]}-{params.test_seeds[-1]}) "
-            f"trained {ev.iterations} {unit}, SGD momentum 0.9, wd 5e-4, batch {ev.batch_size}, DSA; sets chosen "
-            f"on the validation split with networks of seeds {params.validation_seeds[0]}-"
-            f"{params.validation_seeds[-1]}")
 
 
 def comparison_metrics(params: Params, method: str, ipc: int, seed: int,
@@ -49,16 +40,6 @@ def comparison_metrics(params: Params, method: str, ipc: int, seed: int,
     summary = distill_dir(method, ipc, seed) / "result.json"
     val_acc = json.loads(summary.read_text()).get("best_val_acc") if summary.is_file() else None
     return {"test_acc": results[arch]["mean"], "best_val_acc": val_acc}
-
-
-def metric_key(name: str, ipc: int, seed: int | None = None) -> str:
-    """The metrics key of a set: ``<subset>_ipc<k>``, or ``<method>_ipc<k>_s<seed>`` for a distilled one."""
-    return f"{name}_ipc{ipc}" if seed is None else f"{name}_ipc{ipc}_s{seed}"
-
-
-def scores(result: EvalResult) -> dict[str, float]:
-    """Test accuracy of one evaluation as DVC metrics (scalars only)."""
-    return {"mean": result.mean, "std": result.std}
 
 
 def run(params: Params, method: str, ipc: int, seed: int) -> None:

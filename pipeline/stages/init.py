@@ -7,23 +7,20 @@ from pathlib import Path
 
 import torch
 from sklearn.decomposition import PCA
-from torch import nn
 from tqdm.auto import tqdm
 
 from ast_core.init import initial_synthetic_set
 from ast_core.io import atomic_write_json
-from ast_core.models import batched_features
 from ast_core.viz import plot_scatter_2d
 from pipeline import tracking
 from pipeline.layout import INIT, init_file
-from pipeline.modelling import final_expert
+from pipeline.modelling import expert_features, final_expert
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
 from pipeline.schema import to_mapping
 
 log = logging.getLogger(__name__)
-FEATURE_CHUNK = 4096  # images per progress-bar update
 
 
 def run(params: Params) -> None:
@@ -51,16 +48,6 @@ def run(params: Params) -> None:
             outputs += [init_file(ipc), picture]
         tracker.log_artifacts(outputs)
         log.info("representative initialisation written for ipc %s", list(params.distill.ipcs))
-
-
-def expert_features(expert: nn.Module, images: torch.Tensor, device: torch.device, label: str) -> torch.Tensor:
-    """The expert's features (`embed`) of every image, computed in chunks under a labelled progress bar."""
-    parts = []
-    with tqdm(total=len(images), desc=label, unit="image", unit_scale=True) as bar:
-        for chunk in images.split(FEATURE_CHUNK):
-            parts.append(batched_features(lambda x: expert.embed(x.to(device)).cpu(), chunk))
-            bar.update(len(chunk))
-    return torch.cat(parts)
 
 
 def pca_picture(features: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor, random: torch.Tensor,

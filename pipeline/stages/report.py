@@ -10,6 +10,7 @@
 - ``figures/``: accuracy vs iteration (AST Fig. 6), alpha, inner loss with/without balancing, Avg_Var per epoch.
 - ``curves/``: each (cell, seed)'s distillation curves, ``<method>-ipc<k>-s<seed>.csv``, for `dvc plots show`.
 - ``grids/``: each (cell, seed)'s best (kept on validation) and final distilled images.
+- ``docs/results.md``: the project's results page, assembled from these tables (`pipeline.results_document`).
 
 Every ± is a sample std (ddof 1), except the buffers table's (population std over experts, as the buffer
 stage writes it), and every p a two-sided paired t-test (`ast_core.statistics`).
@@ -37,6 +38,8 @@ from pipeline import tracking
 from pipeline.layout import BASELINES, BUFFER, EVALUATE, REPORT, distill_dir
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
+from pipeline.results_document import RESULTS_DOCUMENT
+from pipeline.results_document import render as render_results
 
 log = logging.getLogger(__name__)
 FIGURES = REPORT / "figures"
@@ -332,7 +335,7 @@ def grids(cells: set[Cell]) -> list[Path]:
 
 
 def run(params: Params) -> None:
-    claim_outputs([], [TABLES, FIGURES, CURVES, GRIDS])
+    claim_outputs([], [TABLES, FIGURES, CURVES, GRIDS, RESULTS_DOCUMENT.parent])
     with tracking.stage_run("report", params.tracking.experiment, "report", {"experiment": params.tracking.experiment}):
         distill = params.distill
         cells = set(itertools.product(distill.methods, distill.ipcs, distill.seeds))
@@ -359,6 +362,7 @@ def run(params: Params) -> None:
                                f"t-test over those seeds; separated only when p < {ALPHA} over >= {MIN_PAIRS} seeds. "
                                "Not corrected for the number of pairs: among many truly equal pairs, about 1 in 20 "
                                "reads separated.")
-        outputs += figures(cells) + grids(cells)
+        atomic_write_text(RESULTS_DOCUMENT, render_results(TABLES))
+        outputs += [RESULTS_DOCUMENT, *figures(cells), *grids(cells)]
         mlflow.log_artifacts(str(REPORT), "report")
         log.info("report written to %s (%d files)", REPORT, len(outputs))
