@@ -9,6 +9,7 @@ and CPU tensors (loadable with ``weights_only=True``) holding ``config`` (`datac
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -58,5 +59,10 @@ class DistillCheckpoint:
             return None
         try:
             return torch.load(self.path, weights_only=True, map_location="cpu")
-        except Exception as error:  # a corrupted file: say which one, never guess
-            raise ValueError(f"checkpoint {self.path} cannot be read ({error}); delete it to start over") from error
+        except pickle.UnpicklingError as error:  # torch's own text would suggest weights_only=False: running it
+            raise ValueError(f"checkpoint {self.path} was not loaded: it holds pickled objects, not the tensors "
+                             "and plain values this project writes, and loading it could run code; delete it "
+                             "and rerun to start this cell over") from error
+        except Exception as error:  # a damaged file: say which one, never guess
+            raise ValueError(f"checkpoint {self.path} was not loaded: it is damaged ({type(error).__name__}); "
+                             "delete it and rerun to start this cell over") from error

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from ast_core.io import atomic_write_with
+from ast_core.io import atomic_write_safetensors
 from ast_core.settings import DATASETS, IMAGENET_SUBSETS
 
 _WNID_NAMES: dict[str, str] = {
@@ -392,7 +392,7 @@ def _cached_raw(source: _Source, cache: Path) -> _Raw:
     tensors = {k: getattr(raw, k).contiguous() for k in ("train_x", "train_y", "test_x", "test_y")}
     meta = {"class_names": json.dumps(list(raw.class_names)), "pixel_max": str(raw.pixel_max),
             "source": source.key}  # `source` is for people inspecting the file
-    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write_safetensors(path, tensors, meta)
     return raw
 
 

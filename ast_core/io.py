@@ -9,10 +9,14 @@ import contextlib
 import csv
 import json
 import os
+import struct
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def _current_umask() -> int:
@@ -55,6 +59,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
+                             metadata: Mapping[str, str] | None = None) -> Path:
+    """Tensors (and string metadata) as a safetensors file, its header in a fixed order: the library writes the
+    metadata map in an order that changes from process to process, which would make the same tensors a
+    different file (a changed DVC output, a rewritten dvc.lock)."""
+    from safetensors.torch import save
+
+    data = save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # the same keys and values in another order never grow
+        raise RuntimeError(f"{path}: the reordered safetensors header is longer than the original")
+    return atomic_write_with(path, lambda tmp: tmp.write_bytes(data[:8] + text.ljust(size) + data[8 + size:]))
 
 
 def atomic_write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]],

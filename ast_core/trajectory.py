@@ -47,10 +47,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from ast_core.io import atomic_write_with
+from ast_core.io import atomic_write_safetensors
 from ast_core.settings import BETA_MODES
 
 FORMAT = "ast-dd-trajectory"
@@ -352,7 +351,7 @@ def _write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], metad
         raise ValueError(f"metadata must be JSON-serialisable ({exc})") from exc
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "metadata": text,
             **(header or {})}
-    return atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=full))
+    return atomic_write_safetensors(path, tensors, full)
 
 
 def save_trajectory(path: str | os.PathLike, checkpoints: TrajectoryLike, metadata: Mapping[str, Any],

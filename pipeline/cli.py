@@ -32,6 +32,9 @@ def _stage(name: str) -> Callable[..., None]:
 def cmd_params(args: argparse.Namespace, params: Params) -> None:
     from pipeline.params import settings_yaml
 
+    for key in params.shadowed_hyper_keys():
+        log.warning("distill.hyper.%s has no effect: distill.per_ipc sets it for every ipc in distill.ipcs %s",
+                    key, list(params.distill.ipcs))
     print(settings_yaml(params))
 
 

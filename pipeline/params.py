@@ -68,8 +68,9 @@ class DataParams:
         if self.dataset not in DATASETS and not self.dataset.startswith("imagefolder:"):
             raise ParamsError(f"data.dataset: {self.dataset!r} is unknown; allowed: {', '.join(DATASETS)} "
                               "or imagefolder:PATH")
-        if self.val_size <= 0:
-            raise ParamsError(f"data.val_size: {self.val_size!r} must be > 0 (model selection needs a split)")
+        if self.val_size <= 0 or (isinstance(self.val_size, float) and self.val_size >= 1):
+            raise ParamsError(f"data.val_size: {self.val_size!r} must be a fraction of the training split in (0, 1) "
+                              "or a number of images >= 1 (model selection needs a split)")
         if self.zca_eps < 0:
             raise ParamsError(f"data.zca_eps: {self.zca_eps!r} must be >= 0")
 
@@ -340,6 +341,11 @@ class Params:
         for name in self.distill.configs:  # every row, run now or by an experiment or study later
             for ipc in self.distill.ipcs:
                 self.distill_config(name, ipc, seed=self.distill.seeds[0])  # raises ParamsError naming the key
+        try:  # distill.hyper's own values, even those that per_ipc shadows at every ipc
+            DistillConfig(ipc=self.distill.ipcs[0], seed=self.distill.seeds[0],
+                          **dataclasses.asdict(self.distill.hyper))
+        except ValueError as error:
+            raise ParamsError(f"distill.hyper.{str(error).split('=', 1)[0]}: {error}") from error
         for key, name in [("study.method", self.study.method), *(("study.rows", row) for row in self.study.rows)]:
             if name is not None and name not in self.distill.configs:
                 raise ParamsError(f"{key}: {name!r} has no entry in distill.configs "
@@ -381,6 +387,12 @@ class Params:
         disjoint from `validation_seeds` (checked on load), so no reported number was selected on them."""
         return [self.evaluate.seed + i for i in range(self.evaluate.num_models)]
 
+    def shadowed_hyper_keys(self) -> list[str]:
+        """`distill.hyper` keys that `distill.per_ipc` overrides at every ipc of `distill.ipcs`: editing them
+        changes nothing."""
+        overridden = [set(self.distill.per_ipc.get(str(ipc), {})) for ipc in self.distill.ipcs]
+        return sorted(set.intersection(*overridden)) if overridden else []
+
     def distill_config(self, method: str, ipc: int, changes: dict[str, int | float] | None = None, *,
                        seed: int) -> DistillConfig:
         """The ast_core DistillConfig of one (method, ipc) cell and distillation `seed` (segment sampling, DSA,
@@ -415,11 +427,31 @@ Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]
                                    list("-+.0123456789"))
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a settings file names the same key twice (YAML would silently keep the last)."""
+
+
+def _unique_mapping(loader: Yaml12Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            raise DuplicateKeyError(f"key {key!r} appears twice, on lines {first_line[key]} and {line}; keep one")
+        first_line[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+Yaml12Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _read_yaml(file: Path, what: str) -> dict[str, Any]:
     if not file.is_file():
         raise ParamsError(f"{what}: {file} does not exist")
     try:
         raw = yaml.load(file.read_text(), Loader=Yaml12Loader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKeyError as error:
+        raise ParamsError(f"{what}: {file}: {error}") from error
     except yaml.YAMLError as error:
         raise ParamsError(f"{what}: {file} is not valid YAML: {error}") from error
     if raw is not None and not isinstance(raw, dict):

@@ -7,15 +7,16 @@ from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from ast_core.data import DatasetSplits, load_dataset
-from ast_core.io import atomic_write_with
+from ast_core.io import atomic_write_safetensors
 from ast_core.zca import ZCA
 from pipeline.checks import check_data
 from pipeline.layout import PREPARE
 from pipeline.params import Params
+from pipeline.schema import ParamsError
 
 CACHE = PREPARE / "cache"
 ZCA_FILE = PREPARE / "zca.safetensors"
@@ -65,7 +66,7 @@ def fit_and_save_zca(params: Params, data: DatasetSplits) -> ZCA:
     zca = ZCA.fit(data.train_x, eps=params.data.zca_eps)
     state = {k: v.contiguous().cpu() for k, v in zca.state_dict().items()}
     meta = {"zca_fit": params.data.zca_fit}
-    atomic_write_with(ZCA_FILE, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    atomic_write_safetensors(ZCA_FILE, state, meta)
     return zca
 
 
@@ -96,6 +97,10 @@ def class_balanced_subset(data: DatasetSplits, size: int | None, seed: int) -> D
     """The same splits with the training part cut to `size` samples, equally many per class (seeded)."""
     if size is None or size >= len(data.train_y):
         return data
+    if size < data.info.num_classes:
+        raise ParamsError(f"buffer.train_size: {size} is fewer than the {data.info.num_classes} classes of "
+                          f"{data.info.name}: the experts need an image of every class; set it to >= "
+                          f"{data.info.num_classes} or null (the whole training split)")
     per_class = max(1, size // data.info.num_classes)
     generator = torch.Generator().manual_seed(seed)
     keep = []

@@ -63,17 +63,22 @@ def run_dvc(args: Sequence[str], root: Path | None = None, env: Mapping[str, str
             raise StageFailed(f"`{' '.join(command[1:])}` failed (see above)")
         return ""
     lines: list[str] = []
-    with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as process:
+    with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
         assert process.stdout is not None
-        for line in process.stdout:
-            if line := line.rstrip():
+        for raw in process.stdout:  # split on newlines only: a progress bar's redraws end in carriage returns
+            if line := final_state(raw.decode(errors="replace")):
                 lines.append(line)
                 logger.info("%s", line)
     if process.returncode:
         tail = "\n".join(lines[-TAIL_LINES:])
         raise StageFailed(f"`{' '.join(command)}` exited with {process.returncode}:\n{tail}")
     return "\n".join(lines)
+
+
+def final_state(line: str) -> str:
+    """What a terminal would show of an output line: the text after its last carriage return (a progress bar
+    redrawn in place logs once, in its final state), right-stripped."""
+    return line.rstrip("\r\n").rsplit("\r", 1)[-1].rstrip()
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -141,11 +146,9 @@ def ensure_params_file(params_path: str) -> None:
 def parallel_environment(jobs: int) -> dict[str, str]:
     """The stage environment for `jobs` stages at once: each stage's torch gets its share of the CPU cores
     (`OMP_NUM_THREADS`; a value the user exported is kept, and a stage rerun by hand reproduces the same bytes
-    only with the same thread count) and progress bars are off (the lines of concurrent stages go to the log,
-    prefixed by stage)."""
+    only with the same thread count)."""
     env = stage_environment()
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    env["TQDM_DISABLE"] = "1"
     return env
 
 

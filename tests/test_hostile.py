@@ -324,3 +324,30 @@ def test_gitignore_entry_survives_a_failed_dvc_repro(git_project: Path, claim: s
     assert subprocess.run([dvc, "repro", "-q"], env=env, capture_output=True, check=False).returncode != 0
     gitignore = git_project / "out/.gitignore"
     assert ("/a" in gitignore.read_text().splitlines() if gitignore.is_file() else False) is kept
+
+
+def test_fewer_expert_images_than_classes_stops_the_buffer_stage_naming_the_key(ready: Path, caplog) -> None:
+    write_params(ready, **{"buffer.train_size": 5})
+    assert main(["buffer", "--variant", "ast"]) == 2
+    assert "buffer.train_size: 5 is fewer than the 10 classes of digits" in caplog.text
+
+
+class Payload:
+    """An object a pickled checkpoint could carry (its code would run on a plain `torch.load`)."""
+
+
+@pytest.mark.parametrize(("content", "expected"), [("pickled", "holds pickled objects"),
+                                                   ("damaged", "it is damaged")])
+def test_a_checkpoint_that_is_not_ours_is_refused_with_our_message(tmp_path: Path, content: str,
+                                                                    expected: str) -> None:
+    from ast_core.checkpoint import CHECKPOINT_NAME, DistillCheckpoint
+
+    path = tmp_path / CHECKPOINT_NAME
+    if content == "pickled":
+        torch.save({"config": Payload()}, path)
+    else:
+        path.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(ValueError, match=expected) as error:
+        DistillCheckpoint(tmp_path).differing_settings(DistillConfig())
+    assert "weights_only" not in str(error.value) and "delete it and rerun" in str(error.value)
+    assert str(path) in str(error.value)

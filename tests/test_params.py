@@ -224,3 +224,38 @@ def test_a_row_may_override_distill_hyper_keys(tmp_path: Path) -> None:
     others = [name for name in params.distill.configs if name != "ast"]
     assert all(params.distill_config(name, 1, seed=0).lr_img == params.distill.hyper.lr_img for name in others)
     assert params.distill_config("ast", 1, {"lr_img": 5.0}, seed=0).lr_img == 5.0
+
+
+def test_a_key_written_twice_is_an_error_naming_it_and_both_lines(tmp_path: Path) -> None:
+    text = (ROOT / "params.yaml").read_text().replace("  zca: false\n", "  zca: false\n  zca: true\n", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    line = text.splitlines().index("  zca: false") + 1
+    with pytest.raises(ParamsError, match=rf"key 'zca' appears twice, on lines {line} and {line + 1}"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("value", [1.5, 1.0, 0.0])
+def test_a_validation_fraction_outside_zero_one_fails_before_any_data_is_read(tmp_path: Path, value: float) -> None:
+    with pytest.raises(ParamsError, match=rf"data.val_size: {value} must be a fraction of the training split"):
+        load_params(write(tmp_path, with_change("data.val_size", value)))
+
+
+def test_a_bad_distill_hyper_value_fails_even_where_per_ipc_shadows_it(tmp_path: Path) -> None:
+    data = with_change("distill.hyper.iterations", 0)
+    data["distill"]["per_ipc"] = {str(ipc): {"iterations": 50} for ipc in data["distill"]["ipcs"]}
+    with pytest.raises(ParamsError, match="distill.hyper.iterations: iterations=0"):
+        load_params(write(tmp_path, data))
+
+
+def test_params_warns_of_a_distill_hyper_key_that_per_ipc_shadows_everywhere(tmp_path: Path, capsys,
+                                                                              caplog) -> None:
+    from pipeline.cli import main
+
+    data = with_change("distill.hyper.lr_img", 30.0)
+    data["distill"]["per_ipc"] = {str(ipc): {"lr_img": 100.0} for ipc in data["distill"]["ipcs"]}
+    path = write(tmp_path, data)
+    assert load_params(path).shadowed_hyper_keys() == ["lr_img"]
+    assert load_params(ROOT / "params.yaml").shadowed_hyper_keys() == []
+    assert main(["params", "--params", str(path)]) == 0
+    assert "distill.hyper.lr_img has no effect: distill.per_ipc sets it for every ipc" in caplog.text

@@ -51,3 +51,63 @@ def test_ablation_rows_add_extra_settings_and_the_seeds_to_one_experiment_per_gr
         ablation.select_groups(["nope"])
     with pytest.raises(ParamsError, match="buffer.trian"):
         ablation.check_rows(ROOT / "params.yaml", {"bad": {"buffer.trian": ["ast"]}})
+
+
+def test_a_progress_bar_redrawn_in_place_is_logged_once_in_its_final_state() -> None:
+    assert runner.final_state("eval:  10%|#  | 1/10\reval:  50%|##  | 5/10\reval: 100%|###| 10/10\n") == (
+        "eval: 100%|###| 10/10")
+    assert runner.final_state("plain line \n") == "plain line"
+    assert runner.final_state("bar 3/3\r          \r\n") == ""  # a bar that clears itself (leave=False)
+
+
+def test_run_stages_starts_each_stage_after_its_inputs_and_at_most_jobs_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from pipeline.stage_graph import StageNode
+
+    nodes = [StageNode("prepare", ()), StageNode("buffer@a", ("prepare",)), StageNode("init", ("buffer@a",)),
+             StageNode("baselines", ("buffer@a",)), StageNode("distill@x-1-0", ("buffer@a", "init")),
+             StageNode("distill@x-1-1", ("buffer@a", "init")), StageNode("report", ("baselines", "distill@x-1-0",
+                                                                                  "distill@x-1-1"))]
+    events, running, lock = [], set(), threading.Lock()
+    peak = []
+
+    def fake_dvc(args, root=None, env=None, logger=None) -> str:
+        stage = args[-1]
+        with lock:
+            running.add(stage)
+            peak.append(len(running))
+            events.append(("start", stage))
+        time.sleep(0.05)
+        with lock:
+            running.discard(stage)
+            events.append(("end", stage))
+        assert env["OMP_NUM_THREADS"] and args[:3] == ["--wait-for-lock", "repro", "--single-item"]
+        return ""
+
+    monkeypatch.setattr(runner, "run_dvc", fake_dvc)
+    runner.run_stages(nodes, jobs=2)
+    order = {event: index for index, event in enumerate(events)}
+    for node in nodes:
+        assert all(order[("end", needed)] < order[("start", node.name)] for needed in node.upstream), node.name
+    assert max(peak) == 2 and len(events) == 2 * len(nodes)
+
+
+def test_run_stages_starts_nothing_after_a_failed_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.stage_graph import StageNode
+
+    started = []
+
+    def fake_dvc(args, root=None, env=None, logger=None) -> str:
+        started.append(args[-1])
+        if args[-1] == "buffer@a":
+            raise runner.StageFailed("buffer@a failed")
+        return ""
+
+    monkeypatch.setattr(runner, "run_dvc", fake_dvc)
+    with pytest.raises(runner.StageFailed, match="buffer@a failed"):
+        runner.run_stages([StageNode("prepare", ()), StageNode("buffer@a", ("prepare",)),
+                           StageNode("init", ("buffer@a",))], jobs=2)
+    assert started == ["prepare", "buffer@a"]

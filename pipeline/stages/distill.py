@@ -22,14 +22,13 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ast_core.checkpoint import DistillCheckpoint
 from ast_core.data import DatasetSplits
 from ast_core.distill import DistillConfig, Distiller, DistillResult, Evaluator
 from ast_core.evaluate import evaluate_synthetic
 from ast_core.init import SyntheticInit, initial_synthetic_set
-from ast_core.io import atomic_write_csv, atomic_write_json, atomic_write_with
+from ast_core.io import atomic_write_csv, atomic_write_json, atomic_write_safetensors
 from ast_core.models import FlatModel
 from ast_core.trajectory import convex_tag, load_buffer
 from ast_core.viz import save_image_grid
@@ -91,7 +90,7 @@ def run(params: Params, method: str, ipc: int, seed: int) -> None:
         tensors = {"images": best_images.cpu().contiguous(), "final_images": result.images.cpu().contiguous(),
                    "labels": result.labels.cpu().contiguous(), "syn_lr": torch.tensor([best_lr]),
                    "final_syn_lr": torch.tensor([result.syn_lr])}
-        atomic_write_with(out / "synthetic.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write_safetensors(out / "synthetic.safetensors", tensors)
         for name, images in (("grid.png", best_images), ("final_grid.png", result.images)):
             save_image_grid(prepared.to_pixels(images), result.labels.cpu(), out / name, data.info.num_classes)
         atomic_write_csv(out / "history.csv", untimed(result.history))
