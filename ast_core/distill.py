@@ -111,8 +111,8 @@ class Distiller:
             if self.iteration % self.checkpoint_every == 0 or self.iteration == self.config.iterations:
                 self._save()
         bar.close()
-        if self.evaluator and self.best is None:
-            self._evaluate()
+        if self.evaluator and (not self.validation or self.validation[-1]["iteration"] != self.iteration):
+            self._evaluate()  # the final set is a candidate too, also when the last iteration was not a check
         return DistillResult(self.engine.images.detach().clone(), self.engine.labels.clone(), self.engine.lr,
                              self.history, self.best, self.validation)
 

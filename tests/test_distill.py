@@ -304,3 +304,14 @@ def test_segment_beyond_the_stored_trajectory_is_rejected(digits, digits_expert)
 def test_epochs_needed_counts_the_last_start_epoch_and_the_segment() -> None:
     assert DistillConfig(max_start_epoch=4, expert_epochs=2).epochs_needed == 5  # starts 0..3, then 2 epochs
     assert DistillConfig(max_start_epoch=2.5, expert_epochs=2, sampling="continuous").epochs_needed == 4.5
+
+
+def test_the_final_set_is_a_candidate_when_the_last_iteration_is_not_a_check(digits, digits_expert) -> None:
+    """Checks every 2 iterations of 3: the set after iteration 3 is scored too, so no update goes unjudged."""
+    scores = iter([5.0, 10.0, 30.0])
+    distiller = make_distiller(digits, digits_expert, small_config(iterations=3),
+                               evaluator=lambda images, labels, lr: next(scores), eval_every=2)
+    result = distiller.run()
+    assert [row["iteration"] for row in result.validation] == [0, 2, 3]
+    assert result.best.iteration == 3 and torch.equal(result.best.images, result.images)
+    assert distiller.run().validation == result.validation  # a finished run asked again scores nothing more
