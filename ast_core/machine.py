@@ -23,5 +23,6 @@ def describe_machine(device: str = "cpu") -> str:
     meminfo = Path("/proc/meminfo")
     memory = f", {int(meminfo.read_text().split()[1]) / 2**20:.0f} GiB RAM" if meminfo.exists() else ""
     gpu = f"; GPU {torch.cuda.get_device_name(torch.device(device))}" if str(device).startswith("cuda") else ""
+    threads = torch.get_num_threads()
     return (f"{cpu}, {os.cpu_count()} logical cores{memory}, torch {torch.__version__.split('+')[0]} on "
-            f"{torch.get_num_threads()} threads{gpu}")
+            f"{threads} thread{'s' if threads > 1 else ''}{gpu}")

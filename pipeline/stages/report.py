@@ -135,10 +135,12 @@ def _versus(per_seed: dict[int, dict[str, Any]], subset: dict[str, Any] | None) 
 
 
 def _baseline_row(method: str, ipc: int | str, result: dict[str, Any]) -> dict[str, Any]:
-    """A real subset's or full-data training's row: mean ± sample std over its test networks."""
+    """A real subset's or full-data training's row: mean ± sample std over its test networks (the accuracy
+    alone for a single network: no spread was measured)."""
+    accuracies = result["accuracies"]
+    shown = pm(result["mean"], sample_std(accuracies)) if len(accuracies) > 1 else f"{result['mean']:.2f}"
     return {**dict.fromkeys(RESULT_COLUMNS, ""), "method": method, "ipc": ipc, "arch": result["arch"],
-            "networks": str(len(result["accuracies"])), "mean": result["mean"],
-            "test_acc": pm(result["mean"], sample_std(result["accuracies"]))}
+            "networks": str(len(accuracies)), "mean": result["mean"], "test_acc": shown}
 
 
 def _distinct(values: list[Any]) -> str:
