@@ -27,14 +27,16 @@ data:
 	else echo "Fashion-MNIST not installed system-wide: it will be downloaded through torchvision on first use"; fi
 
 # `dvc plots show` offline: vega, vega-lite and vega-embed from npm into the ignored .vega/ folder, inlined
-# into .vega/template.html (named by plots.html_template in .dvc/config). Nothing third-party is committed.
+# into .vega/template.html (named by plots.html_template in .dvc/config); without npm the template loads them
+# from their CDN. Nothing third-party is committed.
 plots-offline: .vega/template.html
 
 .vega/template.html: pipeline/plots_template.py $(VENV)/.setup-stamp
 	@if command -v npm >/dev/null; then \
 	  npm install --silent --no-audit --no-fund --prefix .vega vega@5 vega-lite@5 vega-embed@6 && \
 	  $(BIN)/python -m pipeline.plots_template --node-modules .vega/node_modules --out $@; \
-	else echo "npm not found: dvc plots show will load vega from its CDN"; fi
+	else $(BIN)/python -m pipeline.plots_template --cdn --out $@ && \
+	  echo "npm not found: dvc plots show loads vega from its CDN (the plots draw with internet access)"; fi
 
 # Independent stages (the distillation seeds, evaluations, baselines) run JOBS at a time, one core each.
 JOBS ?= $(shell nproc)

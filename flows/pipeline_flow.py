@@ -21,7 +21,7 @@ from flows.stages import GPU_TAG, pinned_gpu, stage_env, stage_tags
 from pipeline import tracking
 from pipeline.layout import DISTILL, REPORT
 from pipeline.params import load_params
-from pipeline.runner import apply_overrides, run_dvc
+from pipeline.runner import apply_overrides, run_dvc, single_stage_args
 from pipeline.stage_graph import StageNode, stage_graph
 
 RETRIES = 2
@@ -34,7 +34,7 @@ ARTIFACT_KEY = "ast-pipeline-results"
 def run_stage(stage: str, root: str, parent_run_id: str, flow_run_id: str, force: bool = False) -> str:
     """Reproduce one DVC stage (a training stage on a GPU of its own); returns ``ran``, ``restored from run
     cache`` (DVC had the outputs of these exact inputs) or ``up to date``. DVC resumes what a failed try left."""
-    args = ["--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
+    args = single_stage_args(stage, force)
     gpu = pinned_gpu() if GPU_TAG in runtime.task_run.tags else contextlib.nullcontext({})
     with gpu as device:
         output = run_dvc(args, Path(root), {**stage_env(parent_run_id, flow_run_id), **device}, get_run_logger())

@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             preflight(params.tracking.experiment)
         args.handler(args, params)
         sys.stdout.flush()
-    except BrokenPipeError:  # no traceback for a reader that stopped reading
+    except BrokenPipeError:  # a reader that stopped reading (`| head`) got what it wanted: no traceback, status 0
         silence_stdout()
-        return 1
+        return 0
     except UsageError as error:
         log.error("%s", error)
         return USAGE_ERROR

@@ -152,6 +152,11 @@ def parallel_environment(jobs: int) -> dict[str, str]:
     return env
 
 
+def single_stage_args(stage: str, force: bool = False) -> list[str]:
+    """`dvc` arguments reproducing one stage of the graph (waiting for DVC's lock while another stage holds it)."""
+    return ["--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
+
+
 def run_stages(nodes: Sequence[StageNode], jobs: int, force: bool = False) -> None:
     """Each stage as ``dvc --wait-for-lock repro --single-item <stage>`` once the stages it needs are done, at
     most `jobs` at a time. DVC decides whether a stage is stale and records it in dvc.lock, as in `dvc repro`
@@ -161,7 +166,7 @@ def run_stages(nodes: Sequence[StageNode], jobs: int, force: bool = False) -> No
 
     def reproduce(stage: str) -> None:
         started = time.monotonic()
-        run_dvc(["--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage], env=env,
+        run_dvc(single_stage_args(stage, force), env=env,
                 logger=logging.getLogger(f"{__name__}.{stage}"))
         log.info("%s finished in %.0f s", stage, time.monotonic() - started)
 
@@ -195,8 +200,9 @@ def run_pipeline(params: Params, params_path: str, targets: list[str] | None = N
         args = ["exp", "run", *options, *(arg for o in hydra_overrides(overrides, add=True) for arg in ("-S", o))]
     else:
         args = ["repro", *options]
-    with tracking.pipeline_run(params.tracking.experiment) as run_id:
-        log.info("MLflow parent run %s", run_id)
+    name = " ".join(["ast-dd run", *(f"--profile {profile}" for profile in profiles), *options])
+    with tracking.pipeline_run(params.tracking.experiment, run_name=name) as run_id:
+        log.info("MLflow parent run %s (%s)", run_id, name)
         if jobs > 1 and not profiles:
             run_stages(stage_graph(tracking.project_root(), targets), jobs, force)
         else:

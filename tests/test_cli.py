@@ -82,7 +82,7 @@ def test_output_into_a_closed_pipe_ends_without_a_traceback() -> None:
                                 cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
     finally:
         os.close(write_end)
-    assert result.returncode == 1
+    assert result.returncode == 0  # `ast-dd params | head` succeeds, also under `set -o pipefail`
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
 
 

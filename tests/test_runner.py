@@ -111,3 +111,18 @@ def test_run_stages_starts_nothing_after_a_failed_stage(monkeypatch: pytest.Monk
         runner.run_stages([StageNode("prepare", ()), StageNode("buffer@a", ("prepare",)),
                            StageNode("init", ("buffer@a",))], jobs=2)
     assert started == ["prepare", "buffer@a"]
+
+
+def test_the_mlflow_parent_run_is_named_after_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = []
+
+    def parent(experiment: str, run_name: str) -> contextlib.AbstractContextManager[str]:
+        names.append(run_name)
+        return contextlib.nullcontext("run-id")
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(runner.tracking, "pipeline_run", parent)
+    monkeypatch.setattr(runner, "run_dvc", lambda *a, **k: "")
+    params = load_params(ROOT / "params.yaml")
+    runner.run_pipeline(params, "params.yaml", targets=["report"], force=True)
+    assert names == ["ast-dd run --force report"]
