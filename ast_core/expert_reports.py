@@ -52,7 +52,6 @@ def summarize_buffer(folder: str | os.PathLike, num_experts: int | None = None) 
         "seeds": [m["seed"] for m in metas],
         "avg_var": _mean_std([statistics.fmean(h["step_sq_norm"]) for h in histories]),
         **{key: _mean_std([h[key][-1] for h in histories]) for key in ("train_acc", "val_acc", "test_acc")},
-        "train_seconds": _mean_std([h["train_seconds"] for h in histories]),
         "gp_norm": metas[0]["config"]["gp_norm"],
         "grad_norm_init": _mean_std([h["grad_norm_init"]["grad_norm_mean"] for h in histories]),
         **{key: _mean_std([h[key][-1] for h in histories]) for key in GRAD_NORM_KEYS},

@@ -119,7 +119,7 @@ def train_expert(data: DatasetSplits, config: ExpertConfig, seed: int, device: s
     batches), ``gp``, ``val_acc``, ``test_acc`` (%; val None when the split is empty), ``step_sq_norm``
     (‖θ_e − θ_{e+1}‖²), ``grad_norm_mean/q10/q90`` (input-gradient norm in the form of ``gp_norm`` on a
     fixed probe of the first 512 training images); plus ``grad_norm_init`` (the same at θ_0) and
-    ``train_seconds``.
+    ``train_seconds`` (wall clock: returned, never stored, see `expert_metadata`).
     """
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative integer")
@@ -159,9 +159,13 @@ def train_expert(data: DatasetSplits, config: ExpertConfig, seed: int, device: s
     return checkpoints, history
 
 
+WALL_CLOCK_KEYS = ("train_seconds",)  # history fields a retraining cannot reproduce: never stored with the expert
+
+
 def expert_metadata(data: DatasetSplits, config: ExpertConfig, seed: int, index: int,
                     history: dict[str, Any]) -> dict[str, Any]:
-    """The JSON metadata stored with an expert (format: `ast_core.trajectory`)."""
+    """The JSON metadata stored with an expert (format: `ast_core.trajectory`): the history without its
+    wall-clock fields (`WALL_CLOCK_KEYS`), so the same training writes the same file."""
     with torch.device("meta"):
         flat = FlatModel(_build(data, config))
     info = data.info
@@ -171,7 +175,8 @@ def expert_metadata(data: DatasetSplits, config: ExpertConfig, seed: int, index:
         "depth": (config.depth or default_depth(info.image_size)) if config.arch == "convnet" else None,
         "param_names": list(flat.names), "param_shapes": [list(shape) for shape in flat.shapes],
         "config": config.to_dict(), "dsa_strategy": config.dsa_for(info.name), "zca": config.zca,
-        "seed": seed, "expert_index": index, "num_epochs": config.epochs, "history": history,
+        "seed": seed, "expert_index": index, "num_epochs": config.epochs,
+        "history": {key: value for key, value in history.items() if key not in WALL_CLOCK_KEYS},
     }
 
 

@@ -3,9 +3,10 @@
 ``train_experts(data, config, out_dir, num_experts, seed, scheduler=DaskScheduler(address))`` gives the same
 buffer folder as training here: each worker runs `ast_core.experts.train_expert` for one seed and sends the
 trajectory back; this process stores it (`ExpertJob.save`) as soon as it arrives. Trajectories are bit-identical
-to sequential training on the CPU (an expert's randomness comes from its seed only); only the measured
-``train_seconds`` differ. Workers need the package installed, not the buffer folder: the data travel to them once
-(scattered) and the checkpoints come back. This module needs only `ast_core`, torch and dask.
+to sequential training on the CPU (an expert's randomness comes from its seed only), and so are the stored files
+(no wall-clock time is stored with an expert). Workers need the package installed, not the buffer folder: the
+data travel to them once (scattered) and the checkpoints come back. This module needs only `ast_core`, torch
+and dask.
 """
 
 from __future__ import annotations

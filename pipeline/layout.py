@@ -38,6 +38,10 @@ def distill_checkpoint_dir(method: str, ipc: int, seed: int) -> Path:
     return CHECKPOINTS / "distill" / method / f"ipc{ipc}" / f"seed{seed}"
 
 
+def buffer_timing_file(variant: str) -> Path:
+    return TIMING / "buffer" / f"{variant}.json"
+
+
 def distill_timing_file(method: str, ipc: int, seed: int) -> Path:
     return TIMING / "distill" / method / f"ipc{ipc}" / f"seed{seed}.json"
 

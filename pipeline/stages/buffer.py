@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +16,7 @@ from ast_core.io import atomic_write_json
 from ast_core.trajectory import list_buffer, read_metadata, storage_dtype
 from pipeline import tracking
 from pipeline.distributed import DaskScheduler
-from pipeline.layout import buffer_dir
+from pipeline.layout import buffer_dir, buffer_timing_file
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import class_balanced_subset, load_prepared, resolve_device
@@ -80,7 +81,7 @@ def run(params: Params, variant: str) -> None:
         raise ParamsError(f"--variant: {variant!r} is not in buffer.train ({', '.join(params.buffer.train)})")
     config = expert_config(params, variant)
     folder = buffer_dir(variant)
-    claim_outputs([folder])
+    claim_outputs([folder], [buffer_timing_file(variant).parent])
     logged = {"model": to_mapping(params.model), "buffer": {**to_mapping(params.buffer), "variants": None},
               "variant": params.buffer.variants[variant], "seed": params.seed, "data": params.data.dataset}
     with tracking.stage_run("buffer", params.tracking.experiment, f"buffer-{variant}", logged,
@@ -89,8 +90,12 @@ def run(params: Params, variant: str) -> None:
         atomic_write_json(folder / SIGNATURE, data_signature(params))
         prepared = load_prepared(params)
         data = class_balanced_subset(prepared.data, params.buffer.train_size, params.seed)
+        started = time.perf_counter()
         train_experts(data, config, folder, params.buffer.num_experts, seed=params.seed,
                       dtype=storage_dtype(params.buffer.storage_dtype), scheduler=expert_scheduler(params))
+        timing = {"train_seconds": time.perf_counter() - started}  # experts already there count as 0
+        atomic_write_json(buffer_timing_file(variant), timing)
+        tracker.log_metrics(timing)
         summary = summarize_buffer(folder, params.buffer.num_experts)
         sizes = {"plain": sum(p.stat().st_size for p in list_buffer(folder))}
         log_buffer_metrics(tracker, folder, summary, sizes)
