@@ -93,7 +93,7 @@ def run(params: Params, variant: str) -> None:
         started = time.perf_counter()
         train_experts(data, config, folder, params.buffer.num_experts, seed=params.seed,
                       dtype=storage_dtype(params.buffer.storage_dtype), scheduler=expert_scheduler(params))
-        timing = {"train_seconds": time.perf_counter() - started}  # experts already there count as 0
+        timing = {"train_seconds": time.perf_counter() - started}  # the experts trained now (finished ones are kept)
         atomic_write_json(buffer_timing_file(variant), timing)
         tracker.log_metrics(timing)
         summary = summarize_buffer(folder, params.buffer.num_experts)
