@@ -119,7 +119,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Params], Any], str]] = {
     "report": (cmd_report, "stage: results tables and figures (also from MLflow)"),
     "run": (cmd_run, "the main job: `dvc repro` of the pipeline inside one MLflow parent run"),
     "study": (cmd_study, "studies at CPU size, resumable: `buffers` (AST Table VII), `modules` (Table VIII, MCT "
-                         "convergence) or `sweep` (hyperparameters on validation); see profiles/study-*.yaml"),
+                         "convergence) or `sweep` (hyperparameters on validation); see profiles/studies/study-*.yaml"),
     "ablate": (cmd_ablate, "the paper's ablations (Tables VII/VIII, MCT) as DVC experiments, then the report"),
 }
 

@@ -56,7 +56,8 @@ def test_exponent_floats_read_as_dvc_writes_them(tmp_path: Path) -> None:
         load_params(tmp_path / "params.yaml")
 
 
-@pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "profiles").glob("*.yaml")))
+@pytest.mark.parametrize("profile", sorted(p.relative_to(ROOT / "profiles").as_posix()
+                                           for p in (ROOT / "profiles").rglob("*.yaml")))
 def test_each_profile_resolves_to_a_valid_parameter_set_as_its_header_documents(profile: str) -> None:
     commands = documented_commands(ROOT / "profiles" / profile)
     assert commands, f"profiles/{profile} documents no `ast-dd ... --profile` command"
