@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from ast_core.evaluate import EvalResult
+from pipeline.layout import settings_key
 from pipeline.params import Params
 from pipeline.schema import to_mapping
 
@@ -22,8 +23,22 @@ def cell_params(params: Params, method: str, ipc: int, seed: int) -> dict[str, A
                      "iterations": params.distill.eval_iterations, "seeds": params.validation_seeds}}
 
 
-def cell_tags(method: str, ipc: int, seed: int) -> dict[str, str]:
-    return {"method": method, "ipc": str(ipc), "distill_seed": str(seed)}
+def cell_settings_key(params: Params, method: str, ipc: int, seed: int) -> str:
+    """Names everything a cell's distillation depends on (its settings, the data, its buffer's training), so a
+    checkpoint is resumed only by the same distillation."""
+    chosen = params.distill.configs[method]
+    buffer = {"variant": to_mapping(params.buffer.variants[chosen.buffer]), "epochs": params.buffer.epochs,
+              "num_experts": params.buffer.num_experts, "train_size": params.buffer.train_size,
+              "storage_dtype": params.buffer.storage_dtype, "mct_beta": params.buffer.mct_beta}
+    return settings_key({"cell": cell_params(params, method, ipc, seed), "data": to_mapping(params.data),
+                         "buffer": buffer, "seed": params.seed})
+
+
+def cell_tags(params: Params, method: str, ipc: int, seed: int) -> dict[str, str]:
+    """MLflow tags of a cell's runs: its row (`method`), ipc and distillation seed, and the study it belongs
+    to (`study.name`, set by `ast-dd study run`), so the MLflow UI groups a study's runs in one view."""
+    tags = {"method": method, "ipc": str(ipc), "distill_seed": str(seed)}
+    return tags | ({"study": params.study.name} if params.study.name else {})
 
 
 def protocol_note(params: Params) -> str:

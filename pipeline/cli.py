@@ -14,7 +14,6 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from pipeline.ablation import GROUPS
 from pipeline.params import Params, load_params
 from pipeline.preflight import preflight
 from pipeline.schema import ParamsError, UsageError
@@ -96,15 +95,19 @@ def cmd_run(args: argparse.Namespace, params: Params) -> None:
 
 
 def cmd_study(args: argparse.Namespace, params: Params) -> None:
-    from pipeline import study
+    from pathlib import Path
 
-    study.run(params, args.kind)
+    from pipeline.runner import ensure_params_file
+    from pipeline.studies import run_study
+    from pipeline.study_report import write_report
 
-
-def cmd_ablate(args: argparse.Namespace, params: Params) -> None:
-    from pipeline.ablation import run_ablations
-
-    run_ablations(params, args.params, groups=args.group, extra=args.set or [], seeds=args.seeds)
+    ensure_params_file(args.params)
+    if args.action == "run":
+        if len(args.names) != 1:
+            raise ParamsError("study run: name one study (ast-dd study run NAME)")
+        run_study(args.names[0], Path(args.params), args.profile or (), jobs=args.jobs)
+    for page in write_report(args.names, Path(args.params), args.profile or ()):
+        print(page)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Params], Any], str]] = {
@@ -118,9 +121,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Params], Any], str]] = {
     "baselines": (cmd_baselines, "stage: coreset baselines and full-data training"),
     "report": (cmd_report, "stage: results tables and figures (also from MLflow)"),
     "run": (cmd_run, "the main job: `dvc repro` of the pipeline inside one MLflow parent run"),
-    "study": (cmd_study, "studies at CPU size, resumable: `buffers` (AST Table VII), `modules` (Table VIII, MCT "
-                         "convergence) or `sweep` (hyperparameters on validation); see profiles/studies/study-*.yaml"),
-    "ablate": (cmd_ablate, "the paper's ablations (Tables VII/VIII, MCT) as DVC experiments, then the report"),
+    "study": (cmd_study, "`run NAME`: a study of profiles/studies/ (paper tables, sweeps) as DVC experiments, "
+                         "resumable, then its page; `report [NAME ...]`: the pages docs/studies/<name>.md"),
 }
 
 
@@ -161,14 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="stages run at once, each with its share of the CPU cores (default 1: `dvc repro` "
                                   "with progress bars; `make run` uses every core)")
         if name == "study":
-            cmd.add_argument("kind", choices=("buffers", "modules", "sweep"), help="which study")
-        if name == "ablate":
-            cmd.add_argument("--group", action="append", choices=list(GROUPS),
-                             help="ablation group (repeatable; default: all)")
-            cmd.add_argument("--set", action="append", help="extra override key=value for every experiment")
-            cmd.add_argument("--seeds", type=int, nargs="+",
-                             help="distil each group with these seeds (distill.seeds, default: params.yaml's); "
-                                  "the report aggregates them as mean ± sample std with paired tests")
+            cmd.add_argument("action", choices=("run", "report"), help="run a study's experiments, or only write pages")
+            cmd.add_argument("names", nargs="*", help="studies: file names in profiles/studies/ without .yaml "
+                                                      "(report: default all)")
+            cmd.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1),
+                             help="experiments at once, each with its share of the CPU cores (default: every core)")
     for entry in entry_points(group=PLUGIN_GROUP):
         entry.load()(sub)
     return parser

@@ -27,7 +27,6 @@ from ast_core.settings import (
     SWITCH_FIELDS,
     DistillConfig,
     ExpertConfig,
-    is_positive_int,
 )
 from pipeline.schema import ParamsError, from_mapping, to_mapping
 
@@ -171,13 +170,11 @@ Hyper = params_section("Hyper", distill_config_fields(HYPER_FIELDS),
                        "ast_core.settings.HYPER_FIELDS of DistillConfig.")
 
 
-def check_hyper_keys(section: str, keys: Any, also: tuple[str, ...] = ()) -> None:
-    """Every key of a mapping that overrides distill.hyper values (a row's `hyper`, the sweep's grid) is one
-    (or one of `also`)."""
-    allowed = (*HYPER_FIELDS, *also)
+def check_hyper_keys(section: str, keys: Any) -> None:
+    """Every key of a mapping that overrides distill.hyper values (a row's `hyper`) is one."""
     for key in keys:
-        if key not in allowed:
-            raise ParamsError(f"{section}.{key}: not a distill.hyper key; allowed: {', '.join(allowed)}")
+        if key not in HYPER_FIELDS:
+            raise ParamsError(f"{section}.{key}: not a distill.hyper key; allowed: {', '.join(HYPER_FIELDS)}")
 
 
 MethodParams = params_section("MethodParams", [
@@ -265,34 +262,24 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class StudyParams:
-    """`ast-dd study buffers|modules`: which distillations to compare, over which seeds (>= 3 for mean ± std)."""
+    """What a study overlay (`profiles/studies/<name>.yaml`, run by `ast-dd study run <name>`) adds to its
+    settings; no stage depends on this section, so a study reuses every stage another run already computed."""
 
-    method: str | None = None          # buffers and sweep studies: the distill.configs row they distil
-    rows: list[str] = field(default_factory=list)   # modules study: distill.configs rows, each on its own buffer
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    grid: dict[str, list[int | float]] = field(default_factory=dict)   # sweep: distill.hyper keys or num_experts
-                                                                       # (first n experts) -> values
+    name: str | None = None   # set on each of the study's DVC experiments (MLflow tag `study`)
+    title: str = ""           # the heading of the study's table
+    grid: dict[str, list[Any]] = field(default_factory=dict)   # a sweep: params key -> values; one experiment
+                                                                # per point, scored on validation only
 
     def __post_init__(self) -> None:
-        check_seeds("study.seeds", self.seeds)
-        check_hyper_keys("study.grid", self.grid, also=("num_experts",))
         for key, values in self.grid.items():
             if not values:
                 raise ParamsError(f"study.grid.{key}: list at least one value")
-        for count in self.grid.get("num_experts", []):
-            if not is_positive_int(count):
-                raise ParamsError(f"study.grid.num_experts: {count!r} must be a positive integer")
 
-    def grid_points(self) -> list[dict[str, int | float]]:
-        """Every combination of the grid's values (the cartesian product, in the order written)."""
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid's values (the cartesian product, in the order written); one empty
+        point without a grid."""
         keys = list(self.grid)
         return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
-
-    @staticmethod
-    def split_point(point: dict[str, int | float]) -> tuple[dict[str, int | float], int | None]:
-        """A grid point as (distill.hyper changes, number of experts or None for distill.num_experts)."""
-        hyper = {key: value for key, value in point.items() if key != "num_experts"}
-        return hyper, point.get("num_experts")
 
 
 @dataclass(frozen=True)
@@ -331,11 +318,10 @@ class Params:
                               f"({', '.join(self.buffer.train)})")
         if not 0 <= self.init.expert_index < self.buffer.num_experts:
             raise ParamsError(f"init.expert_index: {self.init.expert_index} must be in [0, buffer.num_experts)")
-        for key, count in [("distill.num_experts", self.distill.num_experts),
-                           *(("study.grid.num_experts", n) for n in self.study.grid.get("num_experts", []))]:
-            if count is not None and count > self.buffer.num_experts:
-                raise ParamsError(f"{key}: {count} is more than the buffer.num_experts ({self.buffer.num_experts}) "
-                                  "a buffer holds")
+        count = self.distill.num_experts
+        if count is not None and count > self.buffer.num_experts:
+            raise ParamsError(f"distill.num_experts: {count} is more than the buffer.num_experts "
+                              f"({self.buffer.num_experts}) a buffer holds")
         for name in self.distill.methods:
             self.check_runnable(name, self.distill.configs[name])
         for name in self.distill.configs:  # every row, run now or by an experiment or study later
@@ -346,10 +332,6 @@ class Params:
                           **dataclasses.asdict(self.distill.hyper))
         except ValueError as error:
             raise ParamsError(f"distill.hyper.{str(error).split('=', 1)[0]}: {error}") from error
-        for key, name in [("study.method", self.study.method), *(("study.rows", row) for row in self.study.rows)]:
-            if name is not None and name not in self.distill.configs:
-                raise ParamsError(f"{key}: {name!r} has no entry in distill.configs "
-                                  f"(defined: {', '.join(self.distill.configs)})")
 
     def check_runnable(self, name: str, method: MethodParams) -> None:
         """A row this run distils needs its buffer trained and its convexified form built (names the key)."""
@@ -361,11 +343,9 @@ class Params:
             raise ParamsError(f"{key}.mct_anchors: {method.mct_anchors} is not built by buffer.mct_anchors "
                               f"({list(self.buffer.mct_anchors)})")
 
-    def _origin(self, method: str, ipc: int, setting: str, changes: dict[str, int | float]) -> str:
+    def _origin(self, method: str, ipc: int, setting: str) -> str:
         """Where a distillation setting of one cell comes from: the key to fix, then the cell it broke."""
         cell = f"(distill.configs.{method} at ipc {ipc})"
-        if changes and (setting in changes or not setting):
-            return "study.grid point " + ", ".join(f"{k}={v}" for k, v in changes.items()) + f" {cell}"
         if setting in self.distill.configs[method].hyper:
             return f"distill.configs.{method}.hyper.{setting} (ipc {ipc})"
         if setting in self.distill.per_ipc.get(str(ipc), {}):
@@ -393,27 +373,22 @@ class Params:
         overridden = [set(self.distill.per_ipc.get(str(ipc), {})) for ipc in self.distill.ipcs]
         return sorted(set.intersection(*overridden)) if overridden else []
 
-    def distill_config(self, method: str, ipc: int, changes: dict[str, int | float] | None = None, *,
-                       seed: int) -> DistillConfig:
+    def distill_config(self, method: str, ipc: int, *, seed: int) -> DistillConfig:
         """The ast_core DistillConfig of one (method, ipc) cell and distillation `seed` (segment sampling, DSA,
-        batches, random-real init, perturbation: one of `distill.seeds`), checked against the buffer length.
-
-        `changes` replaces distill.hyper values (a point of the sweep study's grid).
-        """
-        hyper, changes, chosen = self.distill.hyper_for(ipc), changes or {}, self.distill.configs[method]
-        for overrides, origin in ((chosen.hyper, f"distill.configs.{method}.hyper"),
-                                  (changes, self._origin(method, ipc, "", changes))):
-            if overrides:
-                hyper = from_mapping(Hyper, {**dataclasses.asdict(hyper), **overrides}, origin)
+        batches, random-real init, perturbation: one of `distill.seeds`), checked against the buffer length."""
+        hyper, chosen = self.distill.hyper_for(ipc), self.distill.configs[method]
+        if chosen.hyper:
+            hyper = from_mapping(Hyper, {**dataclasses.asdict(hyper), **chosen.hyper},
+                                 f"distill.configs.{method}.hyper")
         switches = {key: getattr(chosen, key) for key in SWITCH_FIELDS}
         try:
             config = DistillConfig(ipc=ipc, seed=seed, **dataclasses.asdict(hyper), **switches)
         except ValueError as error:
             setting = str(error).split("=", 1)[0]
-            raise ParamsError(f"{self._origin(method, ipc, setting, changes)}: {error}") from error
+            raise ParamsError(f"{self._origin(method, ipc, setting)}: {error}") from error
         needed = config.epochs_needed
         if needed > self.buffer.epochs:
-            raise ParamsError(f"{self._origin(method, ipc, 'max_start_epoch', changes)}: max_start_epoch + "
+            raise ParamsError(f"{self._origin(method, ipc, 'max_start_epoch')}: max_start_epoch + "
                               f"expert_epochs = {needed} epochs but buffer.epochs is {self.buffer.epochs}")
         return config
 

@@ -26,23 +26,15 @@ SECTIONS = [
      "networks, so each gain is paired network by network and seed by seed."),
     ("buffers", "Expert buffers of the default profile", "The buffer stage's summary of each trained variant."),
     ("seeds", "DVC experiments over distillation seeds", "Every DVC experiment of this project's MLflow store "
-     "(`dvc exp run`, `ast-dd ablate`), folded over its distillation seeds."),
+     "(`dvc exp run`, `ast-dd study run`), folded over its distillation seeds."),
     ("comparisons", "Paired comparisons of those experiments", "Pairs of rows of the table above."),
 ]
 
-STALE_STUDIES = [
-    ("buffers_study", "AST Table VII at CPU size (`ast-dd study buffers`)"),
-    ("modules_study", "AST Table VIII and MCT at CPU size (`ast-dd study modules`)"),
-    ("convergence_study", "MCT vs MTT convergence on validation (`ast-dd study modules`)"),
-    ("sweep_study", "Hyperparameter sweep on validation (`ast-dd study sweep`)"),
-]
+STUDIES = """## Studies
 
-STALE_NOTE = """## Studies awaiting re-production
-
-These tables were computed before test networks were separated from the networks that select the kept set:
-their test networks share seeds with the validation networks, and their ± is a population std (ddof 0) without
-paired tests. They are kept as files, not as results: no claim is made from them until they are re-produced
-through the pipeline under the protocol above.
+The paper's tables (AST Tables VII and VIII, MCT against MTT) and the sweeps that chose the defaults are DVC
+experiments of the same pipeline, one page each in [docs/studies/](studies/), written by `ast-dd study report`
+from the finished experiments (`ast-dd study run <name>`, settings in `profiles/studies/<name>.yaml`).
 """
 
 
@@ -54,14 +46,10 @@ def _section(heading: str, produced_by: str, table: str) -> str:
 
 def render(tables: Path) -> str:
     """The results page from the table files in `tables` (sections whose table is missing or empty are left
-    out; stale study tables are listed, not shown)."""
+    out), then where the studies are."""
     parts = [HEADER]
     for stem, heading, produced_by in SECTIONS:
         path = tables / f"{stem}.md"
         if path.is_file() and "(no rows)" not in path.read_text():
             parts.append(_section(heading, produced_by, path.read_text()))
-    stale = [(stem, title) for stem, title in STALE_STUDIES if (tables / f"{stem}.md").is_file()]
-    if stale:
-        parts.append(STALE_NOTE + "\n" + "".join(f"- {title}: [{stem}.md](../{TABLES_LINK}/{stem}.md)\n"
-                                                 for stem, title in stale))
-    return "\n".join(parts)
+    return "\n".join([*parts, STUDIES])

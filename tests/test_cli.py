@@ -1,4 +1,4 @@
-"""The project as a user meets it: DVC stage commands without an active virtualenv, `ablate --group` choices,
+"""The project as a user meets it: DVC stage commands without an active virtualenv, an unknown study,
 output piped into a reader that stops early, and the README's library example."""
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ def test_launcher_runs_this_installation_with_a_bare_path(tmp_path: Path) -> Non
     assert "dataset: digits" in result.stdout
 
 
-def test_ablate_group_lists_its_choices(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["ablate", "--group", "tables"])
-    assert exit_info.value.code == 2
-    assert "choose from 'buffers', 'modules', 'mct'" in capsys.readouterr().err
+def test_an_unknown_study_is_named_with_the_studies_there_are(caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main(["study", "run", "tables"]) == 2
+    assert "study 'tables' is unknown; allowed: buffers, mct, modules, sweep-lr-img, sweep-segments" in caplog.text
 
 
 def test_output_into_a_closed_pipe_ends_without_a_traceback() -> None:

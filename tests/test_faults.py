@@ -16,7 +16,10 @@ import yaml
 from safetensors.torch import load_file
 from tiny import tiny_params_text, write_tiny_params
 
+from pipeline.cells import cell_settings_key
 from pipeline.cli import main
+from pipeline.layout import distill_checkpoint_dir
+from pipeline.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,7 +85,9 @@ def tiny_ready(tiny: Path) -> Path:
 
 
 def test_corrupted_distill_checkpoint_is_named(tiny_ready: Path, caplog) -> None:
-    checkpoint = tiny_ready / "artifacts/checkpoints/distill/ast/ipc1/seed0/distill_checkpoint.pt"
+    params = load_params(tiny_ready / "params.yaml")
+    folder = distill_checkpoint_dir("ast", 1, 0, cell_settings_key(params, "ast", 1, 0))
+    checkpoint = tiny_ready / folder / "distill_checkpoint.pt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"not a checkpoint")
     assert main(["distill"]) == 1
@@ -145,11 +150,12 @@ def test_buffer_killed_mid_run_resumes_to_identical_experts(tmp_path: Path) -> N
         subprocess.run(["ast-dd", "prepare"], cwd=path, env=stage_env(path), check=True, capture_output=True)
     command = ["ast-dd", "buffer", "--variant", "ast"]
     subprocess.run(command, cwd=runs["clean"], env=stage_env(runs["clean"]), check=True, capture_output=True)
-    folder = runs["killed"] / "artifacts" / "buffer" / "ast"
+    folder, work = runs["killed"] / "artifacts/buffer/ast", runs["killed"] / "artifacts/checkpoints/buffer/ast"
     run_killed(command, runs["killed"], stage_env(runs["killed"]),
-               ready=lambda: (folder / "expert_000.safetensors").exists())
-    assert not (folder / "expert_002.safetensors").exists()
+               ready=lambda: any(work.glob("*/expert_000.safetensors")))
+    assert not list(work.glob("*/expert_002.safetensors")) and not list(folder.glob("expert_*"))
     subprocess.run(command, cwd=runs["killed"], env=stage_env(runs["killed"]), check=True, capture_output=True)
+    assert not list(work.glob("*/expert_*")), "the finished experts moved into the output folder"
     for index in range(3):
         name = f"expert_{index:03d}.safetensors"
         resumed, clean = folder / name, runs["clean"] / "artifacts/buffer/ast" / name
@@ -171,9 +177,11 @@ def test_distill_killed_mid_run_resumes_to_identical_images(tmp_path: Path) -> N
         shutil.copytree(base, path)
     command = ["ast-dd", "distill", "--method", "ast", "--ipc", "1"]
     subprocess.run(command, cwd=runs["clean"], env=stage_env(runs["clean"]), check=True, capture_output=True)
-    assert not (runs["clean"] / "artifacts/checkpoints/distill/ast/ipc1/seed0/distill_checkpoint.pt").exists()
-    checkpoint = runs["killed"] / "artifacts/checkpoints/distill/ast/ipc1/seed0/distill_checkpoint.pt"
-    run_killed(command, runs["killed"], stage_env(runs["killed"]), ready=checkpoint.exists)
+    cell = Path("artifacts/checkpoints/distill/ast/ipc1/seed0")
+    assert not list((runs["clean"] / cell).glob("*/distill_checkpoint.pt"))
+    run_killed(command, runs["killed"], stage_env(runs["killed"]),
+               ready=lambda: any((runs["killed"] / cell).glob("*/distill_checkpoint.pt")))
+    (checkpoint,) = (runs["killed"] / cell).glob("*/distill_checkpoint.pt")
     assert not (runs["killed"] / "artifacts/distill/ast/ipc1/seed0/synthetic.safetensors").exists()
     subprocess.run(command, cwd=runs["killed"], env=stage_env(runs["killed"]), check=True, capture_output=True)
     assert not checkpoint.exists()  # a finished cell drops it, so a later rerun starts over

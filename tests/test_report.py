@@ -7,12 +7,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from pipeline import results_document
-from pipeline.ablation import ablation_rows, experiment_name, run_ablations
-from pipeline.params import Params
-from pipeline.schema import ParamsError
 from pipeline.stages import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,21 +67,6 @@ def test_comparisons_pair_rows_by_seed_under_the_same_protocol() -> None:
     assert (row["experiment"], row["method"], row["vs_experiment"], row["vs_method"]) == ("exp", "ast", "base", "mtt")
     assert (row["seeds"], row["distill_seeds"], row["difference"]) == (3, "0 / 1 / 2", "+2.00 ± 1.00")
     assert row["p"] == "0.0742 (not separated)"  # t = 2 / (1 / sqrt 3) on 2 dof: p = 1 - t / sqrt(t² + 2)
-
-
-def test_ablation_experiments_are_named_by_group_and_distil_every_seed() -> None:
-    assert experiment_name("mct") == "ablation-mct"
-    assert ablation_rows({"mct": {"init.buffer": "ast"}}, seeds=[0, 1, 2]) == {
-        "ablation-mct": {"init.buffer": "ast", "distill.seeds": [0, 1, 2]}}
-
-
-@pytest.mark.parametrize(("groups", "seeds", "message"), [(["tables"], None, "--group"), (None, [], "--seeds"),
-                                                          (None, [1, 1], "--seeds"), (None, [-1], "--seeds")])
-def test_ablate_rejects_bad_arguments_before_running(tmp_path, monkeypatch, groups, seeds, message) -> None:
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("seed: 0\n")
-    with pytest.raises(ParamsError, match=message):
-        run_ablations(Params(), "params.yaml", groups=groups, seeds=seeds)
 
 
 def write_json(path: str, data: dict) -> None:
@@ -178,14 +159,12 @@ def test_the_committed_results_page_is_what_the_committed_tables_render() -> Non
     assert results_document.render(ROOT / "artifacts/report/tables") == (ROOT / "docs/results.md").read_text()
 
 
-def test_results_page_shows_tables_with_their_origin_and_lists_stale_studies(tmp_path: Path) -> None:
+def test_results_page_shows_tables_with_their_origin_and_points_to_the_studies(tmp_path: Path) -> None:
     (tmp_path / "results.md").write_text("## Results on digits\n\n- protocol note\n\n| method |\n|:--|\n| ast |\n")
     (tmp_path / "seeds.md").write_text("## DVC experiments\n\n(no rows)\n")
-    (tmp_path / "modules_study.md").write_text("## Table VIII\n\n| row |\n")
     page = results_document.render(tmp_path)
     assert "## Default profile\n\n`make run` on `params.yaml`" in page
     assert "- protocol note\n\n| method |\n|:--|\n| ast |\n" in page and "Results on digits" not in page
     assert "DVC experiments over distillation seeds" not in page  # an empty table is left out
     assert "Expert buffers" not in page  # so is a missing one
-    assert "## Studies awaiting re-production" in page
-    assert "[modules_study.md](../artifacts/report/tables/modules_study.md)" in page and "| row |" not in page
+    assert page.endswith(results_document.STUDIES) and "[docs/studies/](studies/)" in page

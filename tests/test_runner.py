@@ -1,5 +1,5 @@
 """`ast-dd run --profile`: an overlay reaches DVC as `dvc exp run -S ++key=value`, which writes exactly the
-settings `load_params(params.yaml, [profile])` resolves; the ablation CLI and flow share one row definition."""
+settings `load_params(params.yaml, [profile])` resolves."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import ablation, runner
+from pipeline import runner
 from pipeline.params import load_params
 from pipeline.schema import ParamsError
 
@@ -40,17 +40,6 @@ def test_run_with_a_profile_is_a_workspace_dvc_experiment(tmp_path: Path, monkey
     with pytest.raises(ParamsError, match="distill.ipcs"):
         runner.run_pipeline(params, "params.yaml", profiles=["bad"])
     assert len(calls) == 2  # nothing ran
-
-
-def test_ablation_rows_add_extra_settings_and_the_seeds_to_one_experiment_per_group() -> None:
-    rows = ablation.ablation_rows({"mct": {"distill.methods": ["mtt"]}}, {"seed": 1}, seeds=[0, 2])
-    assert rows == {"ablation-mct": {"distill.methods": ["mtt"], "seed": 1, "distill.seeds": [0, 2]}}
-    assert ablation.ablation_rows({"mct": {"seed": 1}}) == {"ablation-mct": {"seed": 1}}
-    assert list(ablation.ablation_rows()) == [f"ablation-{group}" for group in ablation.GROUPS]
-    with pytest.raises(ParamsError, match="--group: 'nope' is unknown; allowed: buffers, modules, mct"):
-        ablation.select_groups(["nope"])
-    with pytest.raises(ParamsError, match="buffer.trian"):
-        ablation.check_rows(ROOT / "params.yaml", {"bad": {"buffer.trian": ["ast"]}})
 
 
 def test_a_progress_bar_redrawn_in_place_is_logged_once_in_its_final_state() -> None:

@@ -1,10 +1,17 @@
-"""Stage `buffer`: train one variant's expert trajectories (AST Algorithm 1); stage `convexify` makes MCT's copies."""
+"""Stage `buffer`: train one variant's expert trajectories (AST Algorithm 1); stage `convexify` makes MCT's copies.
+
+Experts are trained in the project's ``artifacts/checkpoints/buffer/<variant>/<settings>/`` and moved into the
+output folder when all are done: finished experts survive a killed run (also one in an experiment's temporary
+copy), while the output itself is an ordinary DVC output that DVC's run-cache restores in every experiment
+with the same settings instead of training it again.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -16,7 +23,7 @@ from ast_core.io import atomic_write_json
 from ast_core.trajectory import list_buffer, read_metadata, storage_dtype
 from pipeline import tracking
 from pipeline.distributed import DaskScheduler
-from pipeline.layout import buffer_dir, buffer_timing_file
+from pipeline.layout import buffer_dir, buffer_timing_file, expert_work_dir, settings_key
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
 from pipeline.prepared import class_balanced_subset, load_prepared, resolve_device
@@ -59,10 +66,9 @@ def usable_expert(path: Path, config: dict, seed: int) -> bool:
     return meta.get("config") == config and meta.get("seed") == seed
 
 
-def drop_stale_experts(params: Params, variant: str, config: ExpertConfig) -> None:
-    """Keep finished experts of this exact data and configuration (resume); delete the rest, and unreadable
-    ones."""
-    folder = buffer_dir(variant)
+def drop_stale_experts(params: Params, folder: Path, config: ExpertConfig) -> None:
+    """Keep finished experts in `folder` of this exact data and configuration (resume); delete the rest, and
+    unreadable ones."""
     if not folder.is_dir():
         return
     signature_file = folder / SIGNATURE
@@ -76,23 +82,35 @@ def drop_stale_experts(params: Params, variant: str, config: ExpertConfig) -> No
             path.unlink()
 
 
+def move_experts(work: Path, folder: Path) -> None:
+    """The finished experts (and their data signature) from the work folder into the stage's output folder,
+    which DVC emptied before the stage ran; the work folder goes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in [*list_buffer(work), work / SIGNATURE]:
+        path.replace(folder / path.name)
+    shutil.rmtree(work)
+
+
 def run(params: Params, variant: str) -> None:
     if variant not in params.buffer.train:
         raise ParamsError(f"--variant: {variant!r} is not in buffer.train ({', '.join(params.buffer.train)})")
     config = expert_config(params, variant)
     folder = buffer_dir(variant)
-    claim_outputs([folder], [buffer_timing_file(variant).parent])
+    work = expert_work_dir(variant, settings_key({"data": data_signature(params), "config": config.to_dict(),
+                                                  "storage_dtype": params.buffer.storage_dtype}))
+    claim_outputs([folder], [work, buffer_timing_file(variant).parent])
     logged = {"model": to_mapping(params.model), "buffer": {**to_mapping(params.buffer), "variants": None},
               "variant": params.buffer.variants[variant], "seed": params.seed, "data": params.data.dataset}
     with tracking.stage_run("buffer", params.tracking.experiment, f"buffer-{variant}", logged,
                             {"variant": variant}) as tracker:
-        drop_stale_experts(params, variant, config)
-        atomic_write_json(folder / SIGNATURE, data_signature(params))
+        drop_stale_experts(params, work, config)
+        atomic_write_json(work / SIGNATURE, data_signature(params))
         prepared = load_prepared(params)
         data = class_balanced_subset(prepared.data, params.buffer.train_size, params.seed)
         started = time.perf_counter()
-        train_experts(data, config, folder, params.buffer.num_experts, seed=params.seed,
+        train_experts(data, config, work, params.buffer.num_experts, seed=params.seed,
                       dtype=storage_dtype(params.buffer.storage_dtype), scheduler=expert_scheduler(params))
+        move_experts(work, folder)
         timing = {"train_seconds": time.perf_counter() - started}  # the experts trained now (finished ones are kept)
         atomic_write_json(buffer_timing_file(variant), timing)
         tracker.log_metrics(timing)

@@ -9,8 +9,9 @@ Outputs (``artifacts/distill/<method>/ipc<k>/seed<s>/``): ``synthetic.safetensor
 images in distillation space, labels, alpha), ``grid.png`` (best set, pixels after inverse ZCA),
 ``final_grid.png`` (the set after the last iteration),
 ``history.csv`` (per iteration), ``validation.csv`` (validation accuracy after k updates, k = 0 is the
-initial set; AST Fig. 6), ``result.json``. The resumable checkpoint lives in
-``artifacts/checkpoints/`` (not a DVC output), so a killed run continues where it stopped; a finished cell
+initial set; AST Fig. 6), ``result.json``. The resumable checkpoint lives in the project's
+``artifacts/checkpoints/`` (not a DVC output; `pipeline.layout.checkpoints_dir`, named by the cell's settings),
+so a killed run, or a killed experiment in a temporary copy, continues where it stopped; a finished cell
 removes it. Wall-clock times go to ``artifacts/timing/`` (not a DVC output either), so rerunning an unchanged
 cell by hand reproduces its outputs and DVC does not report them modified.
 """
@@ -33,7 +34,7 @@ from ast_core.models import FlatModel
 from ast_core.trajectory import convex_tag, load_buffer
 from ast_core.viz import save_image_grid
 from pipeline import tracking
-from pipeline.cells import cell_params, cell_tags
+from pipeline.cells import cell_params, cell_settings_key, cell_tags
 from pipeline.checks import check_experts
 from pipeline.layout import (
     buffer_dir,
@@ -75,10 +76,11 @@ def run(params: Params, method: str, ipc: int, seed: int) -> None:
     config = params.distill_config(method, ipc, seed=seed)
     chosen = params.distill.configs[method]
     device = resolve_device(params.device)
-    out, checkpoints = distill_dir(method, ipc, seed), distill_checkpoint_dir(method, ipc, seed)
+    out = distill_dir(method, ipc, seed)
+    checkpoints = distill_checkpoint_dir(method, ipc, seed, cell_settings_key(params, method, ipc, seed))
     claim_outputs([out], [checkpoints, distill_timing_file(method, ipc, seed).parent])
     with tracking.stage_run("distill", params.tracking.experiment, f"distill-{method}-ipc{ipc}-s{seed}",
-                            cell_params(params, method, ipc, seed), cell_tags(method, ipc, seed)) as tracker:
+                            cell_params(params, method, ipc, seed), cell_tags(params, method, ipc, seed)) as tracker:
         prepared = load_prepared(params)
         data = prepared.data.without_test("the distill stage selects sets on the validation split only")
         trajectories = [t.to(device) for t in load_trajectories(params, chosen.buffer, chosen.mct_anchors)]

@@ -52,7 +52,7 @@ def run(params: Params, method: str, ipc: int, seed: int) -> None:
     claim_outputs([out / "results.json"], [out])
     with tracking.stage_run("evaluate", params.tracking.experiment, f"evaluate-{method}-ipc{ipc}-s{seed}",
                             {**cell_params(params, method, ipc, seed), "evaluate": to_mapping(params.evaluate)},
-                            cell_tags(method, ipc, seed)) as tracker:
+                            cell_tags(params, method, ipc, seed)) as tracker:
         data = load_prepared(params).data
         synthetic = load_file(str(source))
         lr = float(synthetic["syn_lr"][0])
