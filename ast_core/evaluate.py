@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ast_core.augment import DSA, dsa_strategy_for
+from ast_core.augment import DSA
 from ast_core.data import DatasetSplits
 from ast_core.models import build_model
-from ast_core.settings import EVAL_SPLITS, PROTOCOLS, EvalSpec, is_positive_int
+from ast_core.settings import EVAL_SPLITS, PROTOCOLS, EvalSpec, dsa_strategy_for, is_positive_int
 from ast_core.statistics import sample_std
 
 __all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalResult", "EvalSpec", "evaluate_synthetic", "schedule", "train_on_real"]

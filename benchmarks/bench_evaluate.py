@@ -17,7 +17,8 @@ import time
 import torch
 
 from ast_core.data import DatasetInfo, DatasetSplits
-from ast_core.evaluate import EvalSpec, evaluate_synthetic
+from ast_core.evaluate import evaluate_synthetic
+from ast_core.settings import EvalSpec
 
 NUM_CLASSES = 10
 SHAPE = (1, 28, 28)

@@ -18,8 +18,9 @@ import torch
 
 from ast_core.augment import DSA
 from ast_core.data import load_dataset
-from ast_core.experts import ExpertConfig, make_optimizer, train_epoch
+from ast_core.experts import make_optimizer, train_epoch
 from ast_core.models import build_model
+from ast_core.settings import ExpertConfig
 
 VARIANTS = {
     "CE (MTT expert)": {"grad_penalty": False},

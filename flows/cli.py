@@ -1,4 +1,4 @@
-"""`ast-dd serve`, `ast-dd flow run` and `ast-dd flow ablate` (registered through the `ast_dd.commands` entry point).
+"""`ast-dd serve`, `ast-dd flow run` and `ast-dd flow study` (registered through the `ast_dd.commands` entry point).
 
 `ast-dd flow ...` runs a flow in this process: against the server in ``PREFECT_API_URL`` when set (e.g. the one
 `ast-dd serve` started, which enforces the `gpu` limit), else against Prefect's temporary local API.
@@ -47,15 +47,15 @@ def cmd_flow_run(args: argparse.Namespace, params: Params) -> None:
                         project_dir=str(Path.cwd()), retries=args.retries, return_state=True))
 
 
-def cmd_flow_ablate(args: argparse.Namespace, params: Params) -> None:
-    from flows.ablation_flow import ablation
-    from pipeline.ablation import select_groups
-    from pipeline.runner import ensure_params_file, parse_sets
+def cmd_flow_study(args: argparse.Namespace, params: Params) -> None:
+    from flows.study_flow import study
+    from pipeline.runner import ensure_params_file
+    from pipeline.studies import plan
 
     ensure_params_file(args.params)
+    plan(args.name, Path(args.params))   # an unknown study or a bad setting fails here, before Prefect starts
     quiet_http_logs()
-    grid = select_groups(args.group)
-    finish(ablation(grid=grid, overrides=parse_sets(args.set), project_dir=str(Path.cwd()), return_state=True))
+    finish(study(name=args.name, project_dir=str(Path.cwd()), return_state=True))
 
 
 def check_ports(port: int, mlflow_port: int | None) -> None:
@@ -77,11 +77,11 @@ def cmd_serve(args: argparse.Namespace, params: Params) -> None:
     from flows.serve import serve  # imports Prefect: only once the options are known to be usable
     quiet_http_logs()
     serve(Path.cwd(), host=args.host, port=args.port, mlflow_port=args.mlflow_port, cron=args.cron,
-          ablation_cron=args.ablation_cron, gpus=args.gpus, mlflow=not args.no_mlflow)
+          study_cron=args.study_cron, gpus=args.gpus, mlflow=not args.no_mlflow)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `serve` and `flow {run,ablate}` to the `ast-dd` parser."""
+    """Add `serve` and `flow {run,study}` to the `ast-dd` parser."""
     serve = add_command(sub, "serve", cmd_serve, "Prefect server + UI and MLflow UI on 127.0.0.1, the `gpu` "
                         "concurrency limit, and both flows served as (scheduled) deployments; Ctrl-C stops all")
     serve.add_argument("--host", default="127.0.0.1", help="interface both servers bind to (default: 127.0.0.1)")
@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default: 5000)")
     serve.add_argument("--no-mlflow", action="store_true", help="do not start the MLflow UI")
     serve.add_argument("--cron", help="schedule of the pipeline deployment, e.g. '0 3 * * *' (default: none)")
-    serve.add_argument("--ablation-cron", help="schedule of the ablation deployment (default: none)")
+    serve.add_argument("--study-cron", help="schedule of the study deployment (default: none)")
     serve.add_argument("--gpus", type=int, help="`gpu` concurrency limit (default: visible GPUs, at least 1)")
 
     flow = sub.add_parser("flow", help="run a Prefect flow now", description="run a Prefect flow now")
@@ -99,6 +99,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--set", action="append", help="params override key=value, written to params.yaml (repeatable)")
     run.add_argument("--force", action="store_true", help="rerun stages even if up to date")
     run.add_argument("--retries", type=int, default=2, help="retries of a failed stage (default: 2)")
-    ablate = add_command(flows, "ablate", cmd_flow_ablate, "the ablation flow: DVC experiments under the gpu limit")
-    ablate.add_argument("--group", action="append", help="ablation group (repeatable; default: all)")
-    ablate.add_argument("--set", action="append", help="extra override key=value for every experiment")
+    study = add_command(flows, "study", cmd_flow_study, "the study flow: a study's DVC experiments under the gpu "
+                        "limit, then its page")
+    study.add_argument("name", help="a study: a file name in profiles/studies/ without .yaml")

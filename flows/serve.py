@@ -3,7 +3,7 @@
 One command brings everything up on 127.0.0.1 (``--host`` to change) and takes it down on Ctrl-C:
 ``prefect server start`` and ``mlflow server`` run as child processes, the ``gpu`` concurrency limit is set
 (default: the number of visible GPUs, at least 1), and this process serves the deployments
-``ast_pipeline/ast-dd`` and ``ablation/ast-dd`` (optionally on cron schedules) until stopped.
+``ast_pipeline/ast-dd`` and ``study/ast-dd`` (optionally on cron schedules) until stopped.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from prefect.client.orchestration import get_client
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.ablation_flow import ablation
 from flows.pipeline_flow import ast_pipeline
 from flows.stages import GPU_TAG, visible_gpus
+from flows.study_flow import study
 from pipeline import tracking
 from pipeline.runner import venv_command
 
@@ -93,13 +93,13 @@ def child_processes() -> Iterator[list[subprocess.Popen]]:
                 process.wait()
 
 
-def deployments(root: Path, cron: str | None, ablation_cron: str | None) -> list[RunnerDeployment]:
+def deployments(root: Path, cron: str | None, study_cron: str | None) -> list[RunnerDeployment]:
     """Both flows as deployments of this project (module entry points: they run wherever ast-dd is installed)."""
     common = {"name": DEPLOYMENT, "parameters": {"project_dir": str(root)},
               "entrypoint_type": EntrypointType.MODULE_PATH}
     return [ast_pipeline.to_deployment(cron=cron, description="reproduce the DVC pipeline", **common),
-            ablation.to_deployment(cron=ablation_cron, description="the paper's ablations as DVC experiments",
-                                   **common)]
+            study.to_deployment(cron=study_cron, description="a study (profiles/studies/, parameter name) as DVC "
+                                "experiments", **common)]
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -107,7 +107,7 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 4200, mlflow_port: int = 5000, cron: str | None = None,
-          ablation_cron: str | None = None, gpus: int | None = None, mlflow: bool = True) -> None:
+          study_cron: str | None = None, gpus: int | None = None, mlflow: bool = True) -> None:
     """Start the servers, set the `gpu` limit and serve the deployments until interrupted (SIGINT/SIGTERM)."""
     root = root.resolve()
     api_url = api_address(host, port)
@@ -125,4 +125,4 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 4200, mlflow_port: in
             wait_until_up(f"http://{client_host(host)}:{mlflow_port}/health", processes[-1])
         log.info("Prefect UI: http://%s:%d  MLflow UI: %s", client_host(host), port,
                  f"http://{client_host(host)}:{mlflow_port}" if mlflow else "off")
-        prefect_serve(*deployments(root, cron, ablation_cron))
+        prefect_serve(*deployments(root, cron, study_cron))

@@ -91,7 +91,7 @@ def cmd_run(args: argparse.Namespace, params: Params) -> None:
     from pipeline.runner import run_pipeline
 
     run_pipeline(params, args.params, targets=args.targets, force=args.force, profiles=args.profile or (),
-                 jobs=args.jobs)
+                 jobs=args.jobs, name=args.name)
 
 
 def cmd_study(args: argparse.Namespace, params: Params) -> None:
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             cmd.add_argument("targets", nargs="*", help="DVC stages to reproduce (default: all)")
             cmd.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+            cmd.add_argument("-n", "--name", help="run as the DVC experiment NAME (with --profile: the profile's "
+                                                  "settings, recorded under that name in DVC and MLflow)")
             cmd.add_argument("--jobs", type=int, default=1,
                              help="stages run at once, each with its share of the CPU cores (default 1: `dvc repro` "
                                   "with progress bars; `make run` uses every core)")

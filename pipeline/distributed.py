@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ast_core.data import DatasetSplits
-from ast_core.experts import ExpertConfig, ExpertJob, train_expert
+from ast_core.experts import ExpertJob, train_expert
+from ast_core.settings import ExpertConfig
 
 
 def _train_on_worker(data: DatasetSplits, config: ExpertConfig, seed: int, device: str | None

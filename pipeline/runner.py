@@ -95,7 +95,8 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
         except HydraException as error:
             raise ParamsError(f"--set: {item!r} must look like key=value ({error})") from error
         if override.is_sweep_override() or override.value_type is None:
-            raise ParamsError(f"--set: {item!r} must give one value (sweeps: `ast-dd flow ablate`)")
+            raise ParamsError(f"--set: {item!r} must give one value (sweeps: a study's `study.grid`, "
+                              "`ast-dd study run`)")
         overrides[override.key_or_group] = override.value()
     return overrides
 
@@ -185,25 +186,29 @@ def run_stages(nodes: Sequence[StageNode], jobs: int, force: bool = False) -> No
 
 
 def run_pipeline(params: Params, params_path: str, targets: list[str] | None = None, force: bool = False,
-                 profiles: Sequence[str | Path] = (), jobs: int = 1) -> None:
+                 profiles: Sequence[str | Path] = (), jobs: int = 1, name: str | None = None) -> None:
     """`dvc repro [targets]` with stage runs nested under one MLflow run for this execution; with `jobs` > 1
-    the stages run `jobs` at a time (`run_stages`). With profiles, a workspace `dvc exp run` that writes the
-    overlays' settings into params.yaml (as `-S ++key=value`), so DVC records them and every stage reads them
-    (one stage at a time: an experiment is one DVC command)."""
+    the stages run `jobs` at a time (`run_stages`). With profiles or a `name`, a workspace `dvc exp run`
+    (named `name`) that writes the overlays' settings into params.yaml (as `-S ++key=value`), so DVC records
+    them and every stage reads them (one stage at a time: an experiment is one DVC command)."""
     ensure_params_file(params_path)
     if jobs < 1:
         raise ParamsError(f"--jobs: {jobs} must be a positive integer")
+    if name is not None and not name.strip():
+        raise ParamsError("--name: give the experiment a name, e.g. -n tiny")
     options = [*(["--force"] if force else []), *(targets or [])]
-    if profiles:
+    if profiles or name:
         overrides = profile_overrides(profiles, Path(params_path).resolve().parent)
         overridden_params(Path(params_path), overrides, add=True)  # what DVC will write, checked first
-        args = ["exp", "run", *options, *(arg for o in hydra_overrides(overrides, add=True) for arg in ("-S", o))]
+        args = ["exp", "run", *(["--name", name] if name else []), *options,
+                *(arg for o in hydra_overrides(overrides, add=True) for arg in ("-S", o))]
     else:
         args = ["repro", *options]
-    name = " ".join(["ast-dd run", *(f"--profile {profile}" for profile in profiles), *options])
-    with tracking.pipeline_run(params.tracking.experiment, run_name=name) as run_id:
-        log.info("MLflow parent run %s (%s)", run_id, name)
-        if jobs > 1 and not profiles:
+    command = " ".join(["ast-dd run", *(f"--profile {profile}" for profile in profiles),
+                        *([f"-n {name}"] if name else []), *options])
+    with tracking.pipeline_run(params.tracking.experiment, run_name=command) as run_id:
+        log.info("MLflow parent run %s (%s)", run_id, command)
+        if jobs > 1 and not (profiles or name):
             run_stages(stage_graph(tracking.project_root(), targets), jobs, force)
         else:
             run_dvc(args)

@@ -221,7 +221,8 @@ def render(record: Mapping[str, Any], out: Path = DOCS) -> Path:
                   "never sees the test split). val_best: the best validation check; gain: val_best - val_start, "
                   f"paired seed by seed (seeds {', '.join(map(str, seeds))}).", ""]
     table = scored_table(record) if scored else sweep_table(record)
-    parts += [table.fillna("").to_markdown(index=False) if len(table) else "(no finished experiments yet)", ""]
+    shown = table.astype(object).fillna("").to_markdown(index=False) if len(table) else "(no finished experiments)"
+    parts += [shown, ""]
     if record["buffers"]:
         parts += ["## Expert buffers", "", "Avg_Var = mean over epochs of |θ_t − θ_t+1|²; input_grad_norm: the "
                   "experts' input-gradient norm after training; mean ± population std (ddof 0) over experts.", "",

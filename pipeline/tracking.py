@@ -6,7 +6,7 @@ the temporary copies of ``dvc exp run --temp``/``--queue``, so their runs land i
 current directory. An experiment created in a database store keeps its artifacts in
 ``<project root>/mlartifacts`` (absolute), never inside a temporary copy; a tracking server stores its own.
 
-Nesting: an invocation (``ast-dd run``, a Prefect flow, one experiment of ``ast-dd ablate``) opens a parent run
+Nesting: an invocation (``ast-dd run``, a Prefect flow, one experiment of ``ast-dd study run``) opens a parent run
 and exports ``AST_DD_PARENT_RUN_ID``; stage runs nest under it. The stages of a DVC experiment
 (``DVC_EXP_NAME``) nest under one run named after the experiment (the invocation's run itself when it bears that
 name). A parent run under which nothing ran is deleted. Each run records the pid and host of the process that

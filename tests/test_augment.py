@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ast_core.augment import DSA, FAMILIES, DSAParams, dsa_strategy_for
+from ast_core.augment import DSA, DSAParams
+from ast_core.settings import FAMILIES, dsa_strategy_for
 
 
 def _images(n: int = 8, c: int = 3, h: int = 16, w: int = 16, seed: int = 0) -> torch.Tensor:

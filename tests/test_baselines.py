@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ast_core.baselines import (
-    CORESET_METHODS,
-    herding_indices,
-    kcenter_indices,
-    random_indices,
-    representative_indices,
-    select_coreset,
-)
+from ast_core.baselines import herding_indices, kcenter_indices, random_indices, representative_indices, select_coreset
 from ast_core.models import build_model
+from ast_core.settings import CORESET_METHODS
 
 
 def _points(rows: list[list[float]]) -> torch.Tensor:

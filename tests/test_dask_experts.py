@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ast_core.expert_reports import summarize_buffer
-from ast_core.experts import ExpertConfig, train_experts
+from ast_core.experts import train_experts
+from ast_core.settings import ExpertConfig
 from ast_core.trajectory import expert_path, load_trajectory
 from pipeline.distributed import DaskScheduler
 

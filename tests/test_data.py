@@ -13,7 +13,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from ast_core import data
-from ast_core.data import DATASETS, IMAGENET_SUBSETS, DatasetSplits, load_dataset, stratified_split
+from ast_core.data import DatasetSplits, load_dataset, stratified_split
+from ast_core.settings import DATASETS, IMAGENET_SUBSETS
 
 HAS_FMNIST = all((data.FASHION_MNIST_SYSTEM_DIR / f"{stem}.gz").is_file() for stem in data._IDX_FILES)
 

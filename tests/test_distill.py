@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from ast_core.checkpoint import CHECKPOINT_NAME
-from ast_core.distill import DistillConfig, Distiller, DivergenceError, NonFiniteError
-from ast_core.matching import balance_factor, intermediate_steps, matching_loss, perturb_filters, perturb_layers
+from ast_core.distill import Distiller, NonFiniteError
+from ast_core.matching import (
+    DivergenceError,
+    balance_factor,
+    intermediate_steps,
+    matching_loss,
+    perturb_filters,
+    perturb_layers,
+)
+from ast_core.settings import DistillConfig
 
 
 def test_balance_factor_matches_eq_20_by_hand() -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ast_core.baselines import random_indices
-from ast_core.evaluate import EvalSpec, evaluate_synthetic, schedule, train_on_real
+from ast_core.evaluate import evaluate_synthetic, schedule, train_on_real
+from ast_core.settings import EvalSpec
 
 FAST = EvalSpec(width=32, num_models=2, iterations=100)
 

@@ -9,7 +9,8 @@ import torch
 
 import ast_core.experts as experts
 from ast_core.expert_reports import summarize_buffer
-from ast_core.experts import ExpertConfig, LocalScheduler, make_optimizer, train_expert, train_experts
+from ast_core.experts import LocalScheduler, make_optimizer, train_expert, train_experts
+from ast_core.settings import ExpertConfig
 from ast_core.trajectory import avg_var, expert_path, load_trajectory, step_sq_norms
 
 TINY = ExpertConfig(width=16, epochs=2, batch_size=64)

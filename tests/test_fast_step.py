@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from conftest import LinearTrajectory
 from torch import nn
 
-from ast_core.distill import DistillConfig, Distiller
+from ast_core.distill import Distiller
 from ast_core.functional import _autograd_step, convnet_layout, reuse_freed_cpu_memory, step_gradient
 from ast_core.models import FlatModel, build_model
+from ast_core.settings import DistillConfig
 
 _spec = importlib.util.spec_from_file_location(
     "reference_step", Path(__file__).resolve().parents[1] / "benchmarks" / "reference_step.py")

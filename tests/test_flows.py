@@ -1,4 +1,4 @@
-"""Prefect flows on scratch projects: the tiny profile end to end, the `gpu` limit, failures, ablations, serve.
+"""Prefect flows on scratch projects: the tiny profile end to end, the `gpu` limit, failures, a study, serve.
 
 Flows run in this process against Prefect's temporary local API (a throw-away database, PREFECT_HOME under
 tmp_path); a toy project with 2-second stages checks parallelism, limits and failure handling quickly.
@@ -241,24 +241,36 @@ def test_a_failed_stage_stops_only_what_depends_on_it(toy_project: Path) -> None
     assert {"prepare", "buffer@ast", "buffer@momentum"} == set(lock)
 
 
-def test_ablation_flow_runs_the_grid_as_dvc_experiments(toy_project: Path) -> None:
-    from flows.ablation_flow import ablation
+STUDY = """\
+#   ast-dd study run pair
+study:
+  title: "A pair of rows"
+distill:
+  methods: [ast, mtt]
+"""
+
+
+def test_study_flow_runs_a_study_as_dvc_experiments_and_publishes_its_page(tiny_run) -> None:
+    from flows.study_flow import study
     from pipeline.schema import ParamsError
 
+    project, _ = tiny_run
+    (project / "profiles/studies").mkdir(parents=True)
+    (project / "profiles/studies/pair.yaml").write_text(STUDY)
+    sh(["git", "add", "-A"], project)
+    sh(["git", "commit", "-qm", "a study"], project)
     set_gpu_limit(2)
-    params_before = (toy_project / "params.yaml").read_text()
-    grid = {"two": {"buffer.train": ["ast", "sgd"]}, "one": {"buffer.train": ["ast"], "distill.methods": ["ast"]}}
-    state = ablation(grid=grid, overrides={"seed": 1}, project_dir=str(toy_project), return_state=True)
+    state = study(name="pair", project_dir=str(project), return_state=True)
     assert state.is_completed(), state.message
-    assert state.result() == {"ablation-two": "ran", "ablation-one": "ran"}
-    assert (toy_project / "params.yaml").read_text() == params_before
-    shown = json.loads(sh(["dvc", "exp", "show", "--json"], toy_project))
-    experiments = {exp["name"]: exp for rev in shown for exp in (rev.get("experiments") or [])}
-    assert {"ablation-two", "ablation-one"} <= set(experiments)
-    markdown = artifact_markdown("ablation-results", state.state_details.flow_run_id)
-    assert "| ablation-one | ran |" in markdown and "All DVC experiments" in markdown
-    with pytest.raises(ParamsError, match="buffer.trian"):
-        ablation(grid={"bad": {"buffer.trian": ["ast"]}}, project_dir=str(toy_project))
+    assert state.result() == {"pair-shared": "ran", "pair-ast-s0": "ran", "pair-mtt-s0": "ran"}
+    assert not sh(["git", "diff", "--stat", "--", "params.yaml", "dvc.lock"], project)   # workspace untouched
+    page = (project / "docs/studies/pair.md").read_text()
+    assert "| ast " in page and "| mtt " in page
+    assert artifact_markdown("study-pair", state.state_details.flow_run_id) == page
+    again = study(name="pair", project_dir=str(project), return_state=True)
+    assert again.result() == dict.fromkeys(state.result(), "finished before")
+    with pytest.raises(ParamsError, match="study 'nope' is unknown; allowed: pair"):
+        study(name="nope", project_dir=str(project))
 
 
 def free_port() -> int:
@@ -293,10 +305,10 @@ def test_serve_brings_up_both_uis_the_limit_and_scheduled_deployments(toy_projec
             except OSError:
                 time.sleep(2)
         by_entrypoint = {d["entrypoint"].rsplit(".", 1)[-1]: d for d in deployments}
-        assert set(by_entrypoint) == {"ast_pipeline", "ablation"}
+        assert set(by_entrypoint) == {"ast_pipeline", "study"}
         assert [s["schedule"]["cron"] for s in by_entrypoint["ast_pipeline"]["schedules"]] == ["0 3 * * *"]
-        assert by_entrypoint["ablation"]["schedules"] == []
-        assert by_entrypoint["ablation"]["parameters"] == {"project_dir": str(toy_project)}
+        assert by_entrypoint["study"]["schedules"] == []
+        assert by_entrypoint["study"]["parameters"] == {"project_dir": str(toy_project)}
         assert get_json(f"{api}/v2/concurrency_limits/tag:gpu")["limit"] == 2
         assert get_json(f"http://127.0.0.1:{mlflow_port}/health") == "OK"
         assert get_json(f"http://127.0.0.1:{port}/ui-settings")["api_url"] == api

@@ -20,7 +20,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny import tiny_params_text
 
-from ast_core.distill import DistillConfig, Distiller, DivergenceError
+from ast_core.distill import Distiller
+from ast_core.matching import DivergenceError
+from ast_core.settings import DistillConfig
 from ast_core.trajectory import load_buffer, load_trajectory, save_trajectory
 from pipeline.cli import main
 from pipeline.outputs import ignore_in_git

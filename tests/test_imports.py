@@ -75,3 +75,17 @@ def test_each_setting_is_declared_once_in_settings() -> None:
 def test_old_import_paths_still_work(module: str, name: str) -> None:
     settings = importlib.import_module("ast_core.settings")
     assert getattr(importlib.import_module(module), name) is getattr(settings, name)
+
+
+def test_the_project_imports_each_ast_core_name_from_the_module_that_defines_it() -> None:
+    """Old paths keep working for users' scripts (above); the project's own code uses one path per name."""
+    sources = [p for folder in ("ast_core", "pipeline", "flows", "tests", "benchmarks")
+               for p in sorted((ROOT / folder).rglob("*.py"))]
+    indirect = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ast_core."):
+                owner = ROOT / (node.module.replace(".", "/") + ".py")
+                indirect += [f"{path.relative_to(ROOT)}: {alias.name} from {node.module}" for alias in node.names
+                             if alias.name not in top_level_names(owner)]
+    assert indirect == []

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ast_core.init import initial_synthetic_set, representative_indices
+from ast_core.baselines import representative_indices
+from ast_core.init import initial_synthetic_set
 
 
 def three_blobs() -> tuple[torch.Tensor, torch.Tensor]:

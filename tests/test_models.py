@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ast_core.models import ARCHITECTURES, FlatModel, build_model, default_depth
+from ast_core.models import FlatModel, build_model, default_depth
+from ast_core.settings import ARCHITECTURES
 
 MTT_FORMS = ("resnet18", "vgg11", "alexnet")
 NORM_LAYERS = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_fast_step import distiller_gradients, relative_error, tiny_problem
 
-from ast_core.distill import DistillConfig
+from ast_core.settings import DistillConfig
 
 
 @pytest.mark.parametrize("nu", [1.0, 1.7])

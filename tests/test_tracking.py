@@ -114,27 +114,27 @@ def test_a_failing_stage_fails_its_experiment_run(project: Path, monkeypatch: py
     assert found["exp-a"].info.status == "FAILED" and found["distill"].info.status == "FAILED"
 
 
-def test_an_experiment_run_by_ast_dd_ablate_nests_under_the_run_of_its_name(project: Path,
+def test_an_experiment_run_by_ast_dd_study_nests_under_the_run_of_its_name(project: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    with tracking.pipeline_run(EXPERIMENT, run_name="ablation-modules") as outer:
-        monkeypatch.setenv("DVC_EXP_NAME", "ablation-modules")
+    with tracking.pipeline_run(EXPERIMENT, run_name="modules-ast-s0") as outer:
+        monkeypatch.setenv("DVC_EXP_NAME", "modules-ast-s0")
         with tracking.stage_run("distill", EXPERIMENT, "distill", {}):
             pass
     found = by_name(project)
-    assert set(found) == {"ablation-modules", "distill"}
+    assert set(found) == {"modules-ast-s0", "distill"}
     assert parent_of(found["distill"]) == outer
 
 
 def test_experiments_of_a_flow_nest_under_its_run(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ablation flow's run (opened by the flow's process) -> each experiment's run -> its stage runs."""
-    outer = MlflowClient().create_run(tracking.configure(EXPERIMENT), run_name="ablation").info.run_id
+    """The study flow's run (opened by the flow's process) -> each experiment's run -> its stage runs."""
+    outer = MlflowClient().create_run(tracking.configure(EXPERIMENT), run_name="study").info.run_id
     monkeypatch.setenv(tracking.PARENT_ENV, outer)
-    monkeypatch.setenv("DVC_EXP_NAME", "ablation-mct")
+    monkeypatch.setenv("DVC_EXP_NAME", "mct-mtt-s0")
     with tracking.stage_run("distill", EXPERIMENT, "distill", {}):
         pass
     found = by_name(project)
-    assert parent_of(found["ablation-mct"]) == outer
-    assert parent_of(found["distill"]) == found["ablation-mct"].info.run_id
+    assert parent_of(found["mct-mtt-s0"]) == outer
+    assert parent_of(found["distill"]) == found["mct-mtt-s0"].info.run_id
 
 
 def test_a_no_op_invocation_leaves_no_parent_run(project: Path) -> None:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from ast_core.expert_reports import summarize_buffer
-from ast_core.experts import GRAD_NORM_KEYS, ExpertConfig, ExpertScheduler, LocalScheduler, train_experts
+from ast_core.experts import GRAD_NORM_KEYS, ExpertScheduler, LocalScheduler, train_experts
 from ast_core.io import atomic_write_json
+from ast_core.settings import ExpertConfig
 from ast_core.trajectory import list_buffer, read_metadata, storage_dtype
 from pipeline import tracking
 from pipeline.distributed import DaskScheduler

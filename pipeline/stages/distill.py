@@ -26,11 +26,12 @@ import torch
 
 from ast_core.checkpoint import DistillCheckpoint
 from ast_core.data import DatasetSplits
-from ast_core.distill import DistillConfig, Distiller, DistillResult, Evaluator
+from ast_core.distill import Distiller, DistillResult, Evaluator
 from ast_core.evaluate import evaluate_synthetic
 from ast_core.init import SyntheticInit, initial_synthetic_set
 from ast_core.io import atomic_write_csv, atomic_write_json, atomic_write_safetensors
 from ast_core.models import FlatModel
+from ast_core.settings import DistillConfig
 from ast_core.trajectory import convex_tag, load_buffer
 from ast_core.viz import save_image_grid
 from pipeline import tracking
