@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from tiny import write_tiny_params
+from tiny import init_repository, scratch_env, write_tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -45,15 +45,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     params = yaml.safe_load(write_tiny_params(path).read_text())
     params["distill"]["seeds"] = [0, 1]
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "AST_DD_CACHE": str(path / "cache"),
-           "OMP_NUM_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("AST_DD_PARENT_RUN_ID", None)
-    (path / ".gitignore").write_text("__pycache__/\n/cache/\nmlflow.db\n/mlartifacts/\n/.venv\n")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
-        sh(cmd, path, env)
+    env = {**scratch_env(path, BIN), "OMP_NUM_THREADS": "2"}
+    init_repository(path, env, "tiny project")
     return path, env
 
 

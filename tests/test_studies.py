@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import write_tiny_params
+from tiny import init_repository, scratch_env, write_tiny_params
 
 from pipeline.schema import ParamsError
 from pipeline.studies import SHARED_STAGES, plan, point_label
@@ -136,15 +136,8 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """The tiny project with the `pair` study as a git + DVC repository, and its environment."""
     path = study_project(tmp_path_factory.mktemp("study"), {"pair": PAIR})
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "AST_DD_CACHE": str(path / "cache"),
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("AST_DD_PARENT_RUN_ID", None)
-    (path / ".gitignore").write_text("__pycache__/\n/cache/\nmlflow.db\n/mlartifacts/\n")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "tiny study project"]):
-        sh(cmd, path, env)
+    env = scratch_env(path, BIN)
+    init_repository(path, env, "tiny study project")
     return path, env
 
 
@@ -173,7 +166,7 @@ def test_study_runs_as_dvc_experiments_and_a_rerun_recomputes_nothing(tiny_study
 
     import mlflow
     mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["ast-dd"], filter_string="tags.stage = 'evaluate'")
+    runs = mlflow.search_runs(experiment_names=["ast-dd-tiny"], filter_string="tags.stage = 'evaluate'")
     assert set(zip(runs["tags.study"], runs["tags.method"], runs["tags.distill_seed"], runs["tags.ipc"],
                    strict=True)) == {("pair", m, str(s), "1") for m in ("ast", "mtt") for s in (0, 1)}
 

@@ -21,3 +21,25 @@ def write_tiny_params(folder: Path) -> Path:
     path = folder / "params.yaml"
     path.write_text(tiny_params_text())
     return path
+
+
+def scratch_env(folder: Path, bin_dir: Path) -> dict[str, str]:
+    """The environment to run `ast-dd`, `dvc` and `git` in a scratch project: this installation first on PATH,
+    its own dataset cache and MLflow store, a git identity, no parent run or tracking URI inherited."""
+    import os
+
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "AST_DD_CACHE": str(folder / "cache"),
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("AST_DD_PARENT_RUN_ID", None)
+    return env
+
+
+def init_repository(folder: Path, env: dict[str, str], message: str) -> None:
+    """`folder` as a git + DVC repository with everything in it committed (outputs and caches ignored)."""
+    import subprocess
+
+    (folder / ".gitignore").write_text("__pycache__/\n/cache/\nmlflow.db\n/mlartifacts/\n/.venv\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", message]):
+        subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True)
