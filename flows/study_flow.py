@@ -22,12 +22,10 @@ from flows.stages import GPU_TAG, pinned_gpu, stage_env
 from pipeline import tracking
 from pipeline.studies import (
     Experiment,
-    finished_experiments,
-    head_commit,
-    is_finished,
     plan,
     run_experiment,
     study_params,
+    unfinished,
 )
 from pipeline.study_report import write_report
 
@@ -56,8 +54,7 @@ def study(name: str = DEFAULT_STUDY, project_dir: str | None = None) -> dict[str
     root = Path(project_dir or Path.cwd()).resolve()
     with contextlib.chdir(root):
         experiments = plan(name, root / "params.yaml")   # a bad setting fails here, before any experiment
-        finished, head = finished_experiments(root), head_commit(root)
-        todo = [e for e in experiments if not is_finished(e, finished, root, head)]
+        todo = unfinished(experiments, root)
         outcomes = {e.name: "finished before" for e in experiments if e not in todo}
         params = study_params(name, root / "params.yaml")
         with tracking.pipeline_run(params.tracking.experiment, run_name=f"study {name}") as parent_run_id:

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import tracking
 from pipeline.params import PROFILES, Params, load_params
 from pipeline.runner import (
     dvc_command,
@@ -131,11 +132,6 @@ def finished_experiments(root: Path) -> dict[str, Finished]:
     return found
 
 
-def head_commit(root: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
 def settings_at(root: Path, commit: str) -> dict[str, Any]:
     """params.yaml as an experiment's commit holds it."""
     text = subprocess.run(["git", "show", f"{commit}:params.yaml"], cwd=root, capture_output=True, text=True,
@@ -163,6 +159,12 @@ def is_finished(experiment: Experiment, finished: Mapping[str, Finished], root: 
     return all(dotted(settings, key) == value for key, value in experiment.overrides.items())
 
 
+def unfinished(experiments: Sequence[Experiment], root: Path) -> list[Experiment]:
+    """The experiments not yet finished from this commit with their settings (`is_finished`)."""
+    finished, head = finished_experiments(root), tracking.git_commit(root)
+    return [e for e in experiments if not is_finished(e, finished, root, head)]
+
+
 def run_experiment(experiment: Experiment, root: Path | None = None, env: Mapping[str, str] | None = None,
                    logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
     """One experiment in a temporary copy (the workspace stays as it is); an older experiment of the same name
@@ -185,14 +187,11 @@ def run_study(name: str, params_file: Path, profiles: Sequence[str | Path] = (),
     """`ast-dd study run`: the shared experiment, then the rows `jobs` at a time; finished ones are skipped.
     Returns the names of the experiments that ran now. A failed experiment fails the study after the others
     finished (rerun the command to retry it)."""
-    from pipeline import tracking
-
     if jobs < 1:
         raise ParamsError(f"--jobs: {jobs} must be >= 1")
     root = params_file.parent.resolve()
     experiments = plan(name, params_file, profiles)
-    finished = finished_experiments(root)
-    todo = [e for e in experiments if not is_finished(e, finished, root, head_commit(root))]
+    todo = unfinished(experiments, root)
     log.info("study %s: %d experiments, %d finished, %d to run", name, len(experiments),
              len(experiments) - len(todo), len(todo))
     if not todo:

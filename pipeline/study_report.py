@@ -27,7 +27,15 @@ from ast_core.io import atomic_write_json, atomic_write_text
 from ast_core.statistics import ALPHA, MIN_PAIRS, paired_difference, sample_std
 from ast_core.viz import plot_curves
 from pipeline.layout import BASELINES, buffer_dir, distill_dir, evaluate_dir
-from pipeline.studies import Experiment, finished_experiments, is_finished, plan, study_file, study_names
+from pipeline.studies import (
+    Experiment,
+    finished_experiments,
+    is_finished,
+    plan,
+    study_file,
+    study_names,
+    study_params,
+)
 
 DOCS = Path("docs") / "studies"
 
@@ -70,8 +78,6 @@ def collect_cells(experiment: Experiment, fs: Any, ipcs: Sequence[int], scored: 
 def collect(name: str, params_file: Path, profiles: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Every finished experiment of the study (with its current settings), as one JSON-ready record."""
     from dvc.api import DVCFileSystem
-
-    from pipeline.studies import study_params
 
     root = params_file.parent.resolve()
     params = study_params(name, params_file, profiles)
