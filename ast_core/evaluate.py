@@ -12,10 +12,18 @@ how long and on which split. Two schedules (`EvalSpec.protocol`):
 `train_on_real` gives the full-dataset upper bound with the same optimiser and the spec's networks: a few
 epochs on the whole training split, learning rate halved at half. Network i is initialised, shuffled and
 augmented from seed `seed + i` only, so results are repeatable on the CPU.
+
+With `EvalSpec.batched` (the default) ConvNet's K networks train at once as one `ConvNetEnsemble` (one
+kernel call per layer for all of them) where that is faster: on a GPU, and on the CPU when one network's batch
+is small (at most CPU_ENSEMBLE_BATCH images), where per-call overhead dominates; larger CPU batches are
+bandwidth-bound and run faster one network at a time (BENCHMARKS.md, section d). Each network keeps its own
+seed, batch order and DSA draws, so the scores equal those of training them one at a time (`batched=False`,
+the reference) up to floating-point rounding. Other architectures train one at a time.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ast_core.augment import DSA
 from ast_core.data import DatasetSplits
-from ast_core.models import build_model
+from ast_core.models import ConvNetEnsemble, build_model
 from ast_core.settings import EVAL_SPLITS, PROTOCOLS, EvalSpec, dsa_strategy_for, is_positive_int
 from ast_core.statistics import sample_std
 
@@ -36,9 +44,11 @@ __all__ = ["EVAL_SPLITS", "PROTOCOLS", "EvalResult", "EvalSpec", "evaluate_synth
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
-EVAL_BATCH = 1024
+EVAL_BATCH = 1024  # scoring batch of one network; an ensemble of K scores EVAL_BATCH // K images at a time
 # protocol -> (does `iterations` count epochs?, learning-rate factor applied at half); "real" = train_on_real.
 _SCHEDULES = {"ast": (False, 0.5), "mtt": (True, 0.1), "real": (True, 0.5)}
+CPU_ENSEMBLE_BATCH = 16  # images per network batch up to which the CPU trains the networks at once
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,24 +114,56 @@ def schedule(protocol: str, iterations: int, steps_per_epoch: int) -> tuple[int,
     return iterations, iterations // 2, factor
 
 
+class _Single(nn.Module):
+    """One network behind the ensemble interface (1 x B x C x H x W -> 1 x B x classes)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x[0]).unsqueeze(0)
+
+
+def networks_at_once(spec: EvalSpec, batch: int, device: torch.device) -> int:
+    """How many of the spec's networks train together (`ConvNetEnsemble`) when each network's batch holds
+    `batch` images: all of them on a GPU or for a small CPU batch, else one."""
+    count = spec.num_models
+    if not spec.batched or count == 1 or (device.type == "cpu" and batch > CPU_ENSEMBLE_BATCH):
+        return 1
+    if spec.arch != "convnet":
+        log.info("evaluate: %s trains its %d networks one at a time (batched training covers convnet)",
+                 spec.arch, count)
+        return 1
+    return count
+
+
 def _train(model: nn.Module, x: Tensor, y: Tensor, lr: float, protocol: str, iterations: int, batch_size: int,
-           dsa: DSA, generator: torch.Generator, progress: bool) -> None:
-    """SGD with momentum and weight decay under the protocol's schedule; batches reshuffled every epoch."""
+           dsa: DSA, generators: list[torch.Generator], progress: bool) -> None:
+    """SGD with momentum and weight decay under the protocol's schedule; batches reshuffled every epoch.
+
+    `model` maps K x B x C x H x W to K x B x classes (a `ConvNetEnsemble`, or `_Single` for K = 1);
+    network k draws its batch order and DSA parameters from `generators[k]` alone, and the loss is the sum
+    of the K networks' mean cross-entropies, so each network trains as it would by itself.
+    """
     batch = min(batch_size, x.shape[0])
     steps_per_epoch = math.ceil(x.shape[0] / batch)
     total, milestone, factor = schedule(protocol, iterations, steps_per_epoch)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     model.train()
-    order = torch.empty(0, dtype=torch.int64)
+    orders: list[Tensor] = []
     for step in tqdm(range(total), disable=not progress, leave=False):
         if step == milestone:
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
         position = step % steps_per_epoch
         if position == 0:
-            order = torch.randperm(x.shape[0], generator=generator).to(x.device)
-        idx = order[position * batch:(position + 1) * batch]
-        loss = F.cross_entropy(model(dsa(x[idx], generator=generator)), y[idx])
+            orders = [torch.randperm(x.shape[0], generator=g).to(x.device) for g in generators]
+        indices = [order[position * batch:(position + 1) * batch] for order in orders]
+        inputs = torch.stack([dsa(x[idx], generator=g) for idx, g in zip(indices, generators, strict=True)])
+        targets = torch.stack([y[idx] for idx in indices])
+        losses = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="none")
+        loss = losses.view(len(generators), -1).mean(dim=1).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,12 +172,21 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, lr: float, protocol: str, ite
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> float:
     """Top-1 accuracy (%) in batches of EVAL_BATCH, no gradients, eval mode."""
+    return _accuracies(_Single(model), 1, x, y, device)[0]
+
+
+@torch.no_grad()
+def _accuracies(model: nn.Module, count: int, x: Tensor, y: Tensor, device: torch.device) -> list[float]:
+    """Top-1 accuracy (%) of each of the `count` networks behind `model` (K x B x ... -> K x B x classes)."""
     model.eval()
-    correct = 0
-    for i in range(0, x.shape[0], EVAL_BATCH):
-        logits = model(x[i:i + EVAL_BATCH].to(device))
-        correct += int((logits.argmax(dim=1).cpu() == y[i:i + EVAL_BATCH].cpu()).sum())
-    return 100.0 * correct / x.shape[0]
+    dtype = next(model.parameters()).dtype
+    batch = max(1, EVAL_BATCH // count)
+    correct = torch.zeros(count, dtype=torch.int64)
+    for i in range(0, x.shape[0], batch):
+        images = x[i:i + batch].to(device, dtype)
+        logits = model(images.unsqueeze(0).expand(count, *images.shape))
+        correct += (logits.argmax(dim=2).cpu() == y[i:i + batch].cpu()).sum(dim=1)
+    return [100.0 * int(c) / x.shape[0] for c in correct]
 
 
 def _run(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits, spec: EvalSpec, *,
@@ -146,17 +197,20 @@ def _run(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits
     lr_value = _validate(images, labels, lr, data)
     dsa = DSA(dsa_strategy if dsa_strategy is not None else dsa_strategy_for(data.info.name))
     dev = torch.device(device)
-    x = images.detach().to(dev, torch.float32)
+    x = images.detach().to(dev, torch.get_default_dtype())
     y = labels.detach().to(dev, torch.int64)
     eval_x, eval_y = (data.test_x, data.test_y) if spec.eval_split == "test" else (data.val_x, data.val_y)
     seeds = [int(seed) + i for i in range(spec.num_models)]
-    accuracies = []
     label = progress if isinstance(progress, str) else f"eval {spec.arch}/{protocol}"
-    for s in tqdm(seeds, disable=not progress, desc=label, unit="network"):
-        model = _new_model(data, spec, s, dev)
+    together = networks_at_once(spec, min(spec.batch_size, x.shape[0]), dev)
+    groups = [seeds[i:i + together] for i in range(0, len(seeds), together)]
+    accuracies: list[float] = []
+    for group in tqdm(groups, disable=not progress or together > 1, desc=label, unit="network"):
+        networks = [_new_model(data, spec, s, dev) for s in group]
+        model = ConvNetEnsemble(networks) if len(group) > 1 else _Single(networks[0])
         _train(model, x, y, lr_value, protocol, iterations, spec.batch_size, dsa,
-               torch.Generator().manual_seed(s), bool(progress))
-        accuracies.append(accuracy(model, eval_x, eval_y, dev))
+               [torch.Generator().manual_seed(s) for s in group], bool(progress))
+        accuracies += _accuracies(model, len(group), eval_x, eval_y, dev)
     return EvalResult(mean=float(np.mean(accuracies)), std=sample_std(accuracies), accuracies=accuracies,
                       seeds=seeds, protocol=protocol, arch=spec.arch, iterations=iterations,
                       eval_split=spec.eval_split, lr=lr_value)

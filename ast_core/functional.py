@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ast_core.models import ConvNet, FlatModel
+from ast_core.models import ConvNet, FlatModel, native_cpu_convolution, pool_2x2
 
 StepGradient = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 _aten = torch.ops.aten
@@ -94,7 +94,8 @@ def convnet_layout(flat_model: FlatModel) -> ConvNetLayout | None:
 # ---------------------------------------------------------------------------------------------------------
 
 def _conv(x: Tensor, weight: Tensor, padding: int) -> Tensor:
-    return F.conv2d(x, weight, padding=padding)
+    with native_cpu_convolution(x, weight):
+        return F.conv2d(x, weight, padding=padding)
 
 
 def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int, input_grad: bool = True,
@@ -106,13 +107,8 @@ def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int, input_
 
 
 def _pool(x: Tensor) -> Tensor:
-    """2x2 average pooling (stride 2); as two strided adds on even maps (much faster than the CPU kernel)."""
-    n, c, h, w = x.shape
-    if h % 2 or w % 2:
-        return F.avg_pool2d(x, 2)
-    pairs = x.view(n, c, h, w // 2, 2)
-    rows = (pairs[..., 0] + pairs[..., 1]).view(n, c, h // 2, 2, w // 2)
-    return (rows[:, :, :, 0] + rows[:, :, :, 1]).mul_(0.25)
+    """2x2 average pooling (stride 2): `pool_2x2` on even maps, the CPU kernel on odd ones."""
+    return F.avg_pool2d(x, 2) if x.shape[-1] % 2 or x.shape[-2] % 2 else pool_2x2(x)
 
 
 def _masked_pool_grad(grad: Tensor, activation: Tensor) -> Tensor:

@@ -13,7 +13,9 @@ distillation unroll differentiates through a sequence of such vectors.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,65 @@ def instance_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(channels, channels, affine=True)
 
 
+def pool_2x2(x: Tensor) -> Tensor:
+    """2x2 average pooling (stride 2) of an even map as two strided adds: the same sums as `F.avg_pool2d`,
+    faster than its CPU kernel (BENCHMARKS.md, section d). No autograd of its own (see `AvgPool2x2`)."""
+    n, c, h, w = x.shape
+    pairs = x.view(n, c, h, w // 2, 2)
+    rows = (pairs[..., 0] + pairs[..., 1]).view(n, c, h // 2, 2, w // 2)
+    return (rows[:, :, :, 0] + rows[:, :, :, 1]).mul_(0.25)
+
+
+class _Pool2x2(torch.autograd.Function):
+    """`pool_2x2` with its gradient written out (grad / 4 on each window), itself differentiable, so
+    second derivatives (the input-gradient penalty) work."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return pool_2x2(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        n, c, h, w = grad.shape
+        return (grad * 0.25).view(n, c, h, 1, w, 1).expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """`nn.AvgPool2d(2, 2)` computed by `pool_2x2` on even maps (the CPU kernel on odd ones)."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
+            return super().forward(x)
+        return _Pool2x2.apply(x)
+
+
+@contextmanager
+def native_cpu_convolution(x: Tensor, weight: Tensor) -> Iterator[None]:
+    """Inside: a CPU convolution of one input channel per group (a grey image's first layer) uses PyTorch's
+    native kernel instead of oneDNN's, several times faster there (BENCHMARKS.md, section d); any other
+    convolution keeps the default."""
+    if x.device.type != "cpu" or weight.shape[1] != 1:
+        yield
+        return
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+class PixelConv2d(nn.Conv2d):
+    """The first convolution of a grey image: its forward pass under `native_cpu_convolution`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with native_cpu_convolution(x, self.weight):
+            return super().forward(x)
+
+
 def first_padding(image_size: int, padding: int) -> int:
     """Padding of a network's first conv: 2 more for 28 px inputs, so the map is 32 px as in the MTT code."""
     return padding + 2 if image_size == 28 else padding
@@ -56,13 +117,15 @@ class ConvNet(nn.Module):
                  depth: int | None = None) -> None:
         super().__init__()
         depth = depth or default_depth(image_size)
+        self.shape = (in_channels, num_classes, image_size, width, depth)
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for block in range(depth):
             padding = first_padding(image_size, 1) if block == 0 else 1
-            layers.append(nn.Conv2d(channels, width, kernel_size=3, padding=padding))
+            conv = PixelConv2d if channels == 1 else nn.Conv2d
+            layers.append(conv(channels, width, kernel_size=3, padding=padding))
             size = size + 2 * padding - 2
-            layers += [instance_norm(width), nn.ReLU(inplace=False), nn.AvgPool2d(2, 2)]
+            layers += [instance_norm(width), nn.ReLU(inplace=False), AvgPool2x2()]
             channels, size = width, size // 2
         if size < 1:
             raise ValueError(f"depth={depth} is too deep for image_size={image_size}: "
@@ -76,6 +139,73 @@ class ConvNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.embed(x))
+
+
+class ConvNetEnsemble(nn.Module):
+    """K ConvNets of one shape run as one network: a K x B x C x H x W batch (network k's inputs at k) gives
+    K x B x classes logits.
+
+    Network k owns channels k * width ... (k + 1) * width of every layer: the convolutions are grouped
+    (groups = K), instance norm is per channel anyway, ReLU and pooling are elementwise, and the classifier
+    is one batched matrix product. So each layer is one kernel call for all K networks, and the gradient of
+    a sum of per-network losses is each network's own gradient: training the ensemble with an elementwise
+    optimiser (SGD) trains the K networks exactly as one at a time would (the batched evaluation of
+    docs/method.md section 5). Built from the K networks' current weights (copied); `split` gives them back.
+    """
+
+    def __init__(self, networks: Sequence[ConvNet]) -> None:
+        super().__init__()
+        if not networks or any(not isinstance(net, ConvNet) for net in networks):
+            raise ValueError("networks must be a non-empty sequence of ConvNet")
+        if len({net.shape for net in networks}) != 1:
+            raise ValueError("networks must all have the same ConvNet shape (width, depth, input, classes)")
+        self.num_networks = count = len(networks)
+        self.shape = networks[0].shape
+        layers: list[nn.Module] = []
+        for index, layer in enumerate(networks[0].features):
+            same = [net.features[index] for net in networks]
+            if isinstance(layer, nn.Conv2d):
+                merged: nn.Module = type(layer)(layer.in_channels * count, layer.out_channels * count,
+                                              layer.kernel_size, padding=layer.padding, groups=count,
+                                              device="meta")
+            elif isinstance(layer, nn.GroupNorm):
+                merged = nn.GroupNorm(layer.num_groups * count, layer.num_channels * count, eps=layer.eps,
+                                      device="meta")
+            else:
+                layers.append(layer)  # ReLU, AvgPool2d: no parameters, elementwise or per channel
+                continue
+            for name, _ in layer.named_parameters():
+                setattr(merged, name, nn.Parameter(torch.cat([getattr(m, name).detach() for m in same])))
+            layers.append(merged)
+        self.features = nn.Sequential(*layers)
+        self.weight = nn.Parameter(torch.stack([net.classifier.weight.detach() for net in networks]))
+        self.bias = nn.Parameter(torch.stack([net.classifier.bias.detach() for net in networks]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        count, batch = x.shape[:2]
+        if count != self.num_networks:
+            raise ValueError(f"x has {count} input batches for {self.num_networks} networks")
+        features = self.features(x.transpose(0, 1).reshape(batch, count * x.shape[2], *x.shape[3:]))
+        features = features.reshape(batch, count, -1).transpose(0, 1)  # K x B x (width * size * size)
+        return torch.baddbmm(self.bias.unsqueeze(1), features, self.weight.transpose(1, 2))
+
+    def split(self) -> list[ConvNet]:
+        """The K networks as separate ConvNets holding the ensemble's current weights (copies)."""
+        merged = [layer for layer in self.features if isinstance(layer, (nn.Conv2d, nn.GroupNorm))]
+        networks = []
+        for k in range(self.num_networks):
+            with torch.device("meta"):
+                net = ConvNet(*self.shape)
+            net = net.to_empty(device=self.weight.device).to(self.weight.dtype)
+            single = [layer for layer in net.features if isinstance(layer, (nn.Conv2d, nn.GroupNorm))]
+            with torch.no_grad():
+                for own, joint in zip(single, merged, strict=True):
+                    for name, param in own.named_parameters():
+                        param.copy_(getattr(joint, name).chunk(self.num_networks)[k])
+                net.classifier.weight.copy_(self.weight[k])
+                net.classifier.bias.copy_(self.bias[k])
+            networks.append(net)
+        return networks
 
 
 class Network(nn.Module):

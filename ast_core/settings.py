@@ -324,6 +324,7 @@ class EvalSpec:
     num_models: int = 5                  # networks trained from seeds seed, seed + 1, ...
     batch_size: int = 256
     eval_split: str = "test"             # "val" for model selection, never the test split
+    batched: bool = True                 # convnet: train the networks at once where faster; False: one by one
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -335,4 +336,5 @@ class EvalSpec:
             "num_models": (is_positive_int(self.num_models), "a positive integer"),
             "batch_size": (is_positive_int(self.batch_size), "a positive integer"),
             "eval_split": (self.eval_split in EVAL_SPLITS, f"one of {', '.join(EVAL_SPLITS)}"),
+            "batched": (isinstance(self.batched, bool), "true or false"),
         })

@@ -7,6 +7,9 @@ Parts (one per process, JSON on stdout):
   convolutions, so this is the floor both share; the rest is what a faster step can still remove.
 - `layout`: each convolution kind of the step (forward, weight gradient, input gradient) at each ConvNet-3
   block shape, contiguous (NCHW) vs `torch.channels_last` (NHWC) inputs, interleaved, minimum of `--repeats`.
+- `kernels`: the kernels kept in `ast_core.models` against the library's, at the step's and the evaluation's
+  shapes: the first convolution of a grey image (forward, oneDNN vs native) and the 2x2 average pool (forward
+  + backward, `F.avg_pool2d` vs `AvgPool2x2`).
 - `compile`: one iteration with the step's two passes (`_forward_pass`, `_backward_pass`) compiled by
   `torch.compile` (inductor), against eager in the same process; the first compiled call's time is reported
   apart (it includes compilation).
@@ -27,9 +30,14 @@ import torch.nn.functional as F
 from bench_distill import _iteration  # benchmarks/ is on sys.path as the script's folder
 
 import ast_core.functional as functional
+from ast_core.models import AvgPool2x2, native_cpu_convolution
 
-PARTS = ("conv-share", "layout", "compile")
+PARTS = ("conv-share", "layout", "compile", "kernels")
 WIDTH = 128
+# where -> (batch, first-layer width): the distillation step (width 128, all images of ipc 1 and 10), the
+# evaluation networks (width 16, one batch of ipc 10) and expert training (width 16, batch 256)
+KERNEL_SHAPES = {"step ipc 1": (10, WIDTH), "step ipc 10": (100, WIDTH), "evaluation ipc 10": (100, 16),
+                 "experts": (256, 16)}
 
 
 def _seconds(run: Callable[[], object]) -> float:
@@ -101,6 +109,37 @@ def layout(ipc: int, channels: int, size: int, repeats: int) -> dict[str, object
     return result
 
 
+def kernels(repeats: int) -> dict[str, object]:
+    """Milliseconds (min over interleaved repeats) of the library's and the kept kernel for each shape."""
+    generator = torch.Generator().manual_seed(0)
+    result: dict[str, object] = {"part": "kernels"}
+    for where, (batch, width) in KERNEL_SHAPES.items():
+        x = torch.randn(batch, 1, 28, 28, generator=generator)
+        weight = torch.randn(width, 1, 3, 3, generator=generator)
+        maps = torch.randn(batch, width, 32, 32, generator=generator, requires_grad=True)
+        grad = torch.randn(batch, width, 16, 16, generator=generator)
+
+        def native_conv(x: torch.Tensor = x, weight: torch.Tensor = weight) -> torch.Tensor:
+            with native_cpu_convolution(x, weight):
+                return F.conv2d(x, weight, padding=3)
+
+        pairs = {
+            "first conv forward": (lambda x=x, weight=weight: F.conv2d(x, weight, padding=3), native_conv),
+            "pool forward + backward": (
+                lambda maps=maps, grad=grad: torch.autograd.grad(F.avg_pool2d(maps, 2), maps, grad),
+                lambda maps=maps, grad=grad: torch.autograd.grad(AvgPool2x2()(maps), maps, grad)),
+        }
+        times: dict[str, tuple[list[float], list[float]]] = {call: ([], []) for call in pairs}
+        for library, kept in pairs.values():
+            library(), kept()
+        for _ in range(repeats):
+            for call, (library, kept) in pairs.items():
+                times[call][0].append(_seconds(library))
+                times[call][1].append(_seconds(kept))
+        result[where] = {call: (1e3 * min(lib), 1e3 * min(own)) for call, (lib, own) in times.items()}
+    return result
+
+
 def compile_passes(ipc: int, channels: int, size: int, syn_steps: int, repeats: int) -> dict[str, object]:
     """Median s/it eager vs with both passes compiled by inductor, interleaved in one process."""
     eager_passes = functional._forward_pass, functional._backward_pass
@@ -138,6 +177,8 @@ def main() -> None:
         result = conv_share(args.ipc, args.channels, args.size, args.syn_steps, args.repeats)
     elif args.part == "layout":
         result = layout(args.ipc, args.channels, args.size, args.repeats)
+    elif args.part == "kernels":
+        result = kernels(args.repeats)
     else:
         result = compile_passes(args.ipc, args.channels, args.size, args.syn_steps, args.repeats)
     result.update(ipc=args.ipc, channels=args.channels, size=args.size, syn_steps=args.syn_steps,

@@ -17,15 +17,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ast_core.models import AvgPool2x2, PixelConv2d
+
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 
+def with_torch_layers(module: nn.Module) -> nn.Module:
+    """A copy of `module` with the project's fast layers (`PixelConv2d`, `AvgPool2x2`) replaced by torch's
+    `nn.Conv2d` and `nn.AvgPool2d`, the layers of the MTT code's ConvNet, holding the same weights."""
+    net = copy.deepcopy(module)
+    for name, layer in list(net.named_modules()):
+        owner_path, _, attribute = name.rpartition(".")
+        if isinstance(layer, PixelConv2d):
+            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, padding=layer.padding,
+                              bias=layer.bias is not None).to(layer.weight)
+            plain.load_state_dict(layer.state_dict())
+            setattr(net.get_submodule(owner_path), attribute, plain)
+        elif isinstance(layer, AvgPool2x2):
+            setattr(net.get_submodule(owner_path), attribute, nn.AvgPool2d(2, 2))
+    return net
+
+
 class ReparamModule(nn.Module):
-    """A copy of `module` whose parameters are plain attributes, re-pointed into a flat vector on each call."""
+    """A copy of `module` (with torch's layers, `with_torch_layers`) whose parameters are plain attributes,
+    re-pointed into a flat vector on each call."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.net = copy.deepcopy(module)
+        self.net = with_torch_layers(module)
         self.slots: list[tuple[nn.Module, str, torch.Size]] = []
         for name, param in module.named_parameters():
             owner_path, _, attribute = name.rpartition(".")

@@ -7,7 +7,8 @@
     (`bench_distill.py`); on CPU, cells above a work budget (images x N) are skipped and listed as such;
 (b) expert-epoch throughput with and without the gradient penalty (`bench_experts.py`);
 (c) trajectory bytes: plain 51 checkpoints vs MCT 2/4 anchors vs fp16, and load time (`bench_storage.py`);
-(d) train-on-synthetic evaluation throughput (`bench_evaluate.py`), and loading one expert vs one iteration;
+(d) train-on-synthetic evaluation, K networks one at a time vs at once (`bench_evaluate.py`), and loading one
+    expert vs one iteration;
 (e) plain MTT vs every per-iteration AST module on (`bench_distill.py --method ours|ours-ast`), same N and M;
 (f) the headline ratio (FMNIST ipc 10, N 20) from alternating reference/ours processes, and the speed-up
     candidates measured against the step (`bench_candidates.py`: convolution share, channels_last,
@@ -41,6 +42,7 @@ FULL_CELLS = [(ipc, steps) for ipc in (1, 10, 50) for steps in (20, 40, 80)]
 CPU_BUDGET = {"reference": 2000, "ours": 4000, "tesla": 8000}  # images x N per iteration on CPU
 # the issue's target cell: the headline pairs, `ours-no-reuse` (CPU), expert loading and the candidates run here
 HEADLINE = ("FMNIST 1x28x28", 10, 20)
+SMALL_STEP = ("FMNIST 1x28x28", 1, 20)  # the small step, where per-call costs weigh most: its own pairs
 Cell = dict[str, object]  # one bench_distill.py result
 Cells = dict[tuple[str, int, int], dict[str, Cell | None]]  # (data, ipc, N) -> method -> result (None: skipped)
 
@@ -164,16 +166,17 @@ def modules_table(args: argparse.Namespace) -> str:
 CONV_CALLS = {"forward": (2, 3), "weight_grad": (3, 3), "input_grad": (2, 3)}
 
 
-def headline_pairs(args: argparse.Namespace) -> str:
-    """Reference and ours alternated in fresh processes: one ratio per pair, so machine drift hits both alike."""
-    shape, ipc, steps = HEADLINE
+def headline_pairs(args: argparse.Namespace, cell: tuple[str, int, int] = HEADLINE) -> str:
+    """Reference and ours alternated in fresh processes: one ratio per pair, so machine drift hits both alike.
+    FLOPs are counted for the headline cell only."""
+    shape, ipc, steps = cell
     channels, size = SHAPES[shape]
     rows = ["| pair | reference s/it | ours s/it | speed-up | reference MB | ours MB |",
             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     ratios, ours_seconds, flops = [], [], None
     for pair in range(1, args.pairs + 1):
         ref, ours = (distill_cell(method, channels, size, ipc, steps, args.repeats, args.device,
-                                  count_flops=method == "ours" and pair == 1)
+                                  count_flops=method == "ours" and pair == 1 and cell == HEADLINE)
                      for method in ("reference", "ours"))
         flops = ours.get("flops", flops)
         print(f"headline pair {pair}: {ref} / {ours}", file=sys.stderr, flush=True)
@@ -185,7 +188,8 @@ def headline_pairs(args: argparse.Namespace) -> str:
                     f"{_cell_text(ours, 'memory_mb', ',.0f')} |")
     summary = (f"Median speed-up over {len(ratios)} pairs: {statistics.median(ratios):.2f}x "
                f"(range {min(ratios):.2f}x to {max(ratios):.2f}x)." if ratios else "No pair finished.")
-    return "\n".join(rows) + "\n\n" + summary + "\n\n" + flops_text(args, flops, ours_seconds)
+    text = "\n".join(rows) + "\n\n" + summary
+    return text + "\n\n" + flops_text(args, flops, ours_seconds) if cell == HEADLINE else text
 
 
 def flops_text(args: argparse.Namespace, flops: int | None, seconds: list[float]) -> str:
@@ -209,12 +213,12 @@ def candidates(args: argparse.Namespace) -> str:
     shape, ipc, steps = HEADLINE
     common = ["--ipc", str(ipc), "--syn-steps", str(steps)]
     results = {}
-    for part in ("conv-share", "layout", "compile"):
+    for part in ("conv-share", "layout", "compile", "kernels"):
         results[part] = json_result("bench_candidates.py", part, *common)
         if "error" in results[part]:
             return f"`bench_candidates.py {part}` gave no result: {results[part]['error']}"
         print(f"candidates {part}: {results[part]}", file=sys.stderr, flush=True)
-    share, layouts, compiled = results["conv-share"], results["layout"], results["compile"]
+    share, layouts, compiled, kernels = (results[part] for part in ("conv-share", "layout", "compile", "kernels"))
     rows = ["| block | call | NCHW ms | channels_last ms | channels_last / NCHW |",
             "| --- | --- | ---: | ---: | ---: |"]
     per_step = {"nchw": 0.0, "channels_last": 0.0}
@@ -228,8 +232,9 @@ def candidates(args: argparse.Namespace) -> str:
     left = share["seconds"] - share["conv_seconds"]
     return f"""Convolution share ({shape}, ipc {ipc}, N {steps}, `bench_candidates.py conv-share`): one iteration
 of ours takes {share['seconds']:.2f} s, of which {share['conv_seconds']:.2f} s ({100 * share['conv_share']:.0f} %) is
-inside the step's convolution calls. The reference makes the same calls, so at most {left:.2f} s per iteration is
-left to any further speed-up of ours that keeps the math.
+inside the step's convolution calls. The reference makes the same calls (its first layer with oneDNN's kernel,
+see the kernels below), so at most {left:.2f} s per iteration is left to any further speed-up of ours that keeps
+the math.
 
 channels_last (`bench_candidates.py layout`, batch {10 * ipc}, min of 3 interleaved calls):
 
@@ -242,7 +247,24 @@ and the slower strided reductions a channels_last step would add.
 torch.compile of both passes (`bench_candidates.py compile`, inductor, median of 3 interleaved iterations):
 eager {compiled['eager_seconds']:.2f} s/it, compiled {compiled['compiled_seconds']:.2f} s/it
 ({compiled['eager_seconds'] / compiled['compiled_seconds']:.2f}x); the first compiled iteration took
-{compiled["first_compiled_seconds"]:.0f} s (compilation, or loading inductor's on-disk cache)."""
+{compiled["first_compiled_seconds"]:.0f} s (compilation, or loading inductor's on-disk cache).
+
+Kernels kept (`bench_candidates.py kernels`, min of 3 interleaved calls): the first convolution of a grey image
+(forward) with oneDNN vs PyTorch's native kernel (`PixelConv2d`, `native_cpu_convolution`), and the 2x2 average
+pool (forward + backward) with `F.avg_pool2d` vs `AvgPool2x2`, at the step's and the evaluation's shapes:
+
+{kernel_table(kernels)}"""
+
+
+def kernel_table(kernels: Cell) -> str:
+    """Markdown rows of `bench_candidates.py kernels`: shape -> library ms, project ms, ratio."""
+    rows = ["| where | call | library kernel ms | kept kernel ms | speed-up |", "| --- | --- | ---: | ---: | ---: |"]
+    for where, calls in kernels.items():
+        if not isinstance(calls, dict):
+            continue
+        for call, (library, kept) in calls.items():
+            rows.append(f"| {where} | {call} | {library:.2f} | {kept:.2f} | {library / kept:.2f}x |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -261,11 +283,11 @@ def main() -> None:
     distill, cells = distill_table(args)
     experts = run_script("bench_experts.py", "--dataset", "digits", "--device", args.device)
     storage = storage_rows()
-    evaluate = run_script("bench_evaluate.py", "--ipc", *(["1", "10"] if args.quick else ["1", "10", "50"]),
-                          "--device", args.device)
+    evaluate = run_script("bench_evaluate.py", "--ipc", "1", "10", "50", "--device", args.device)
     loading = load_vs_iteration(args, storage, cells)
     modules = modules_table(args)
     pairs = headline_pairs(args)
+    small_pairs = headline_pairs(args, SMALL_STEP)
     tried = candidates(args)
     command = shlex.join([os.path.relpath(sys.executable, HERE.parent), "benchmarks/run_all.py", *sys.argv[1:]])
     text = f"""# Benchmarks
@@ -322,6 +344,10 @@ Reference vs ours, {HEADLINE[0]}, ipc {HEADLINE[1]}, N {HEADLINE[2]}, alternated
 {args.repeats} timed iteration(s) each): the ratio of a pair is measured under the same machine state.
 
 {pairs}
+
+The same at ipc {SMALL_STEP[1]} ({SMALL_STEP[0]}, N {SMALL_STEP[2]}), where each call does little work:
+
+{small_pairs}
 
 {tried}
 """

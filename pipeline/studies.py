@@ -18,6 +18,7 @@ figures from the finished experiments.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -176,6 +177,22 @@ def run_experiment(experiment: Experiment, root: Path | None = None, env: Mappin
             root, env, logger)
 
 
+def uncached_stages(root: Path, targets: Sequence[str] = SHARED_STAGES) -> list[str]:
+    """The stages (of `targets` and upstream) whose outputs in the workspace's dvc.lock are not in the DVC cache.
+
+    A temporary experiment starts from that lock, and DVC trusts a lock entry before its run-cache: such a
+    stage runs again in every experiment instead of being restored from the shared one (a fresh clone, before
+    `make run` or `dvc pull`)."""
+    completed = subprocess.run(dvc_command("status", "--with-deps", "--json", *targets), cwd=root,
+                               capture_output=True, text=True, check=False)
+    try:
+        status = json.loads(completed.stdout or "{}")
+    except json.JSONDecodeError:
+        return []
+    return sorted(stage for stage, changes in status.items()
+                  if isinstance(changes, list) and "not in cache" in json.dumps(changes))
+
+
 class PrefixedLog(logging.LoggerAdapter):
     """Each line of an experiment's output prefixed with its name: two experiments at once stay readable."""
 
@@ -196,6 +213,11 @@ def run_study(name: str, params_file: Path, profiles: Sequence[str | Path] = (),
              len(experiments) - len(todo), len(todo))
     if not todo:
         return []
+    stale = uncached_stages(root)
+    if stale:
+        log.warning("study %s: outputs of %s in dvc.lock are not in the DVC cache, so every experiment computes "
+                    "them again; `make run` (or `dvc pull`) first lets the experiments share them",
+                    name, ", ".join(stale))
     params = study_params(name, params_file, profiles)
     with tracking.pipeline_run(params.tracking.experiment, run_name=f"ast-dd study run {name}"):
         for experiment in (e for e in todo if e.row is None):   # alone, with every core

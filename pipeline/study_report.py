@@ -194,7 +194,11 @@ def sweep_table(record: Mapping[str, Any]) -> pd.DataFrame:
     for cell in record["cells"]:
         groups.setdefault((point_text(cell), cell["ipc"]), []).append(cell)
     lines = []
-    for (point, ipc), cells in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+    def order(item: tuple[tuple[str, int], list[Mapping[str, Any]]]) -> tuple[Any, ...]:
+        (_, ipc), cells = item   # by ipc, then the grid's values in numeric order, then the row
+        return ipc, tuple(cells[0]["point"].values()), cells[0]["row"]
+
+    for (point, ipc), cells in sorted(groups.items(), key=order):
         start = [dict(map(tuple, c["validation"]))[0] for c in cells]
         best = [max(v for _, v in c["validation"]) for c in cells]
         lines.append({"point": point, "ipc": ipc, "seeds": len(cells), "val_start": pm(start), "val_best": pm(best),

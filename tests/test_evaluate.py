@@ -9,8 +9,19 @@ import math
 import pytest
 import torch
 
+from ast_core.augment import DSA
 from ast_core.baselines import random_indices
-from ast_core.evaluate import evaluate_synthetic, schedule, train_on_real
+from ast_core.evaluate import (
+    CPU_ENSEMBLE_BATCH,
+    _new_model,
+    _Single,
+    _train,
+    evaluate_synthetic,
+    networks_at_once,
+    schedule,
+    train_on_real,
+)
+from ast_core.models import ConvNetEnsemble
 from ast_core.settings import EvalSpec
 
 FAST = EvalSpec(width=32, num_models=2, iterations=100)
@@ -103,3 +114,56 @@ def test_rejects_bad_arguments(digits, kwargs: dict, name: str) -> None:
 def test_train_on_real_rejects_bad_epochs(digits) -> None:
     with pytest.raises(ValueError, match="epochs"):
         train_on_real(digits, EvalSpec(), epochs=0)
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("protocol", ["ast", "mtt"])
+def test_batched_training_equals_one_network_at_a_time(digits, real_subset, float64, protocol) -> None:
+    """Each network of the ensemble keeps its seed, batch order (partial last batch included) and DSA draws:
+    final weights and accuracies equal the sequential reference in float64."""
+    spec = EvalSpec(width=8, depth=2, num_models=3, iterations=2 if protocol == "mtt" else 12, batch_size=16,
+                    protocol=protocol)
+    x, y = real_subset[0].double(), real_subset[1]
+    dsa = DSA("color_crop_cutout_flip_scale_rotate")
+    seeds = [7, 8, 9]
+    ensemble = ConvNetEnsemble([_new_model(digits, spec, s, torch.device("cpu")) for s in seeds])
+    _train(ensemble, x, y, 0.05, protocol, spec.iterations, spec.batch_size, dsa,
+           [torch.Generator().manual_seed(s) for s in seeds], False)
+    for s, trained in zip(seeds, ensemble.split(), strict=True):
+        alone = _new_model(digits, spec, s, torch.device("cpu"))
+        _train(_Single(alone), x, y, 0.05, protocol, spec.iterations, spec.batch_size, dsa,
+               [torch.Generator().manual_seed(s)], False)
+        for (name, a), (_, b) in zip(alone.named_parameters(), trained.named_parameters(), strict=True):
+            assert a.dtype == torch.float64
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+            assert not torch.equal(a, _new_model(digits, spec, s, torch.device("cpu")).get_parameter(name))
+    batched = evaluate_synthetic(x, y, 0.05, digits, spec, seed=7)
+    sequential = evaluate_synthetic(x, y, 0.05, digits, dataclasses.replace(spec, batched=False), seed=7)
+    assert batched.accuracies == pytest.approx(sequential.accuracies, abs=1e-6)
+    assert batched.seeds == sequential.seeds == seeds
+
+
+def test_networks_train_together_on_gpus_and_for_small_cpu_batches() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    spec = EvalSpec(num_models=5)
+    assert networks_at_once(spec, CPU_ENSEMBLE_BATCH, cpu) == 5
+    assert networks_at_once(spec, CPU_ENSEMBLE_BATCH + 1, cpu) == 1
+    assert networks_at_once(spec, 256, gpu) == 5
+    assert networks_at_once(dataclasses.replace(spec, batched=False), 10, gpu) == 1
+    assert networks_at_once(dataclasses.replace(spec, num_models=1), 10, gpu) == 1
+
+
+def test_architectures_without_batching_train_one_by_one_and_say_so(digits, real_subset, caplog) -> None:
+    spec = EvalSpec(arch="alexnet", num_models=2, iterations=2, batch_size=16)
+    caplog.set_level("INFO", logger="ast_core.evaluate")
+    batched = evaluate_synthetic(*real_subset, 0.01, digits, spec)
+    assert "alexnet trains its 2 networks one at a time" in caplog.text
+    assert batched.accuracies == evaluate_synthetic(*real_subset, 0.01, digits,
+                                                    dataclasses.replace(spec, batched=False)).accuracies

@@ -5,7 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ast_core.models import FlatModel, build_model, default_depth
+from ast_core.models import (
+    AvgPool2x2,
+    ConvNet,
+    ConvNetEnsemble,
+    FlatModel,
+    PixelConv2d,
+    build_model,
+    default_depth,
+)
 from ast_core.settings import ARCHITECTURES
 
 MTT_FORMS = ("resnet18", "vgg11", "alexnet")
@@ -161,3 +169,60 @@ def test_bad_architecture_names_the_parameter() -> None:
         build_model("mlp", 1, 10, 28)
     with pytest.raises(ValueError, match="num_classes"):
         build_model("convnet", 1, 0, 28)
+
+
+def test_convnet_ensemble_equals_its_networks_one_by_one() -> None:
+    """Network k of the ensemble sees input k and gives exactly what ConvNet k gives alone; gradients of a
+    sum of per-network losses are each network's own; split() returns the weights."""
+    torch.manual_seed(0)
+    networks = [build_model("convnet", 3, 5, 16, width=4, depth=2).double() for _ in range(3)]
+    ensemble = ConvNetEnsemble(networks)
+    x = torch.randn(3, 6, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(5, (3, 6))
+    logits = ensemble(x)
+    assert logits.shape == (3, 6, 5)
+    for k, net in enumerate(networks):
+        torch.testing.assert_close(logits[k], net(x[k]), rtol=0, atol=1e-12)
+    sum(F.cross_entropy(logits[k], y[k]) for k in range(3)).backward()
+    for k, net in enumerate(networks):
+        F.cross_entropy(net(x[k]), y[k]).backward()
+    conv = ensemble.features[0]
+    torch.testing.assert_close(conv.weight.grad.chunk(3)[1], networks[1].features[0].weight.grad, rtol=0,
+                               atol=1e-12)
+    torch.testing.assert_close(ensemble.weight.grad[2], networks[2].classifier.weight.grad, rtol=0, atol=1e-12)
+    for own, back in zip(networks, ensemble.split(), strict=True):
+        assert type(back) is ConvNet and back.shape == own.shape
+        for (name, a), (_, b) in zip(own.named_parameters(), back.named_parameters(), strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_convnet_ensemble_rejects_mixed_or_foreign_networks() -> None:
+    with pytest.raises(ValueError, match="same ConvNet shape"):
+        ConvNetEnsemble([build_model("convnet", 1, 10, 28, width=8), build_model("convnet", 1, 10, 28, width=4)])
+    with pytest.raises(ValueError, match="sequence of ConvNet"):
+        ConvNetEnsemble([build_model("alexnet", 1, 10, 28)])
+    ensemble = ConvNetEnsemble([build_model("convnet", 1, 10, 28, width=4)] * 2)
+    with pytest.raises(ValueError, match="3 input batches for 2 networks"):
+        ensemble(torch.zeros(3, 1, 1, 28, 28))
+
+
+def test_fast_pool_equals_avg_pool2d_with_first_and_second_derivatives() -> None:
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    pool = AvgPool2x2()
+    torch.testing.assert_close(pool(x), F.avg_pool2d(x, 2), rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(pool, (x,)) and torch.autograd.gradgradcheck(pool, (x,))
+    odd = torch.randn(1, 2, 5, 5)
+    torch.testing.assert_close(pool(odd), F.avg_pool2d(odd, 2))  # odd maps: the library kernel
+
+
+def test_grey_first_conv_matches_conv2d_and_restores_the_backend() -> None:
+    torch.manual_seed(0)
+    conv = PixelConv2d(1, 8, kernel_size=3, padding=3)
+    x = torch.randn(4, 1, 28, 28, requires_grad=True)
+    plain = F.conv2d(x, conv.weight, conv.bias, padding=3)
+    torch.testing.assert_close(conv(x), plain, rtol=1e-5, atol=1e-5)
+    assert torch.backends.mkldnn.enabled
+    model = build_model("convnet", 1, 10, 28, width=8)
+    assert type(model.features[0]) is PixelConv2d and type(build_model("convnet", 3, 10, 32).features[0]) is nn.Conv2d
+    grad, = torch.autograd.grad(conv(x).square().sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(plain.square().sum(), x)[0], rtol=1e-4, atol=1e-4)

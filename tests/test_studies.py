@@ -19,7 +19,7 @@ import yaml
 from tiny import init_repository, scratch_env, write_tiny_params
 
 from pipeline.schema import ParamsError
-from pipeline.studies import SHARED_STAGES, plan, point_label
+from pipeline.studies import SHARED_STAGES, plan, point_label, uncached_stages
 from pipeline.study_report import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,3 +203,19 @@ def test_a_killed_study_resumes_its_distillation_from_the_checkpoint(tiny_study)
     assert not list(checkpoints.glob("*/distill_checkpoint.pt"))   # a finished cell drops its checkpoint
     record = json.loads((path / "docs/studies/long.json").read_text())
     assert [(c["row"], c["seed"]) for c in record["cells"]] == [("ast", 0)] and not record["missing"]
+
+
+def test_uncached_stages_names_lock_outputs_missing_from_the_cache(tmp_path) -> None:
+    """A fresh clone has dvc.lock but not its outputs: each temporary experiment would run those stages again
+    (DVC trusts the lock before its run-cache), so the study names them before it starts."""
+    env = scratch_env(tmp_path, BIN)
+    init_repository(tmp_path, env, "empty")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  first:\n    cmd: python -c \"open('a', 'w').write('1')\"\n    outs: [a]\n"
+        "  second:\n    cmd: python -c \"open('b', 'w').write(open('a').read())\"\n    deps: [a]\n    outs: [b]\n")
+    subprocess.run(["dvc", "repro", "-q"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert uncached_stages(tmp_path, ["second"]) == []
+    shutil.rmtree(tmp_path / ".dvc" / "cache")
+    assert uncached_stages(tmp_path, ["second"]) == ["first", "second"]
+    assert uncached_stages(tmp_path, ["first"]) == ["first"]
