@@ -9,7 +9,7 @@ update) of all K networks. Prints a Markdown table: seconds per iteration of the
 speed-up, which way `evaluate_synthetic` takes by default on this device (`networks_at_once`), and the
 projected time of the K networks under the pipeline's 300-iteration test protocol that way.
 
-    python benchmarks/bench_evaluate.py [--ipc 1 10 50] [--models 1 3 5 10] [--iterations 5] [--width 16]
+    python benchmarks/bench_evaluate.py [--ipc 1 10 50] [--models 1 3 5 10] [--iterations 20] [--width 16]
                                         [--repeats 2] [--device cpu]
 """
 
@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--models", type=int, nargs="+", default=[1, 3, 5, 10], help="K, networks per set")
-    parser.add_argument("--iterations", type=int, default=5, help="timed SGD iterations per call")
+    parser.add_argument("--iterations", type=int, default=20, help="timed SGD iterations per call")
     parser.add_argument("--repeats", type=int, default=2, help="alternating sequential/batched pairs (min kept)")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=256)
