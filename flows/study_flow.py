@@ -26,6 +26,7 @@ from pipeline.studies import (
     run_experiment,
     study_params,
     unfinished,
+    warn_if_uncached,
 )
 from pipeline.study_report import write_report
 
@@ -56,6 +57,8 @@ def study(name: str = DEFAULT_STUDY, project_dir: str | None = None) -> dict[str
         experiments = plan(name, root / "params.yaml")   # a bad setting fails here, before any experiment
         todo = unfinished(experiments, root)
         outcomes = {e.name: "finished before" for e in experiments if e not in todo}
+        if todo:
+            warn_if_uncached(name, root)
         params = study_params(name, root / "params.yaml")
         with tracking.pipeline_run(params.tracking.experiment, run_name=f"study {name}") as parent_run_id:
             flow_run_id = str(runtime.flow_run.id or "")

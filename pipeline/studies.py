@@ -193,6 +193,16 @@ def uncached_stages(root: Path, targets: Sequence[str] = SHARED_STAGES) -> list[
                   if isinstance(changes, list) and "not in cache" in json.dumps(changes))
 
 
+def warn_if_uncached(name: str, root: Path) -> None:
+    """Say which stages every experiment of study `name` will compute again (`uncached_stages`) and how to
+    avoid it; `ast-dd study run` and the study flow call it before their first experiment."""
+    stale = uncached_stages(root)
+    if stale:
+        log.warning("study %s: outputs of %s in dvc.lock are not in the DVC cache, so every experiment computes "
+                    "them again; `make run` (or `dvc pull`) first lets the experiments share them",
+                    name, ", ".join(stale))
+
+
 class PrefixedLog(logging.LoggerAdapter):
     """Each line of an experiment's output prefixed with its name: two experiments at once stay readable."""
 
@@ -213,11 +223,7 @@ def run_study(name: str, params_file: Path, profiles: Sequence[str | Path] = (),
              len(experiments) - len(todo), len(todo))
     if not todo:
         return []
-    stale = uncached_stages(root)
-    if stale:
-        log.warning("study %s: outputs of %s in dvc.lock are not in the DVC cache, so every experiment computes "
-                    "them again; `make run` (or `dvc pull`) first lets the experiments share them",
-                    name, ", ".join(stale))
+    warn_if_uncached(name, root)
     params = study_params(name, params_file, profiles)
     with tracking.pipeline_run(params.tracking.experiment, run_name=f"ast-dd study run {name}"):
         for experiment in (e for e in todo if e.row is None):   # alone, with every core
