@@ -3,8 +3,10 @@
 One file per run, ``<folder>/distill_checkpoint.pt`` (`CHECKPOINT_NAME`): a `torch.save`d dict of plain values
 and CPU tensors (loadable with ``weights_only=True``) holding ``config`` (`dataclasses.asdict` of the run's
 `DistillConfig`) and the state `ast_core.distill.Distiller` saves: ``iteration``, ``images``, ``syn_lr``,
-``opt_img``, ``opt_lr``, ``generator``, ``history``, ``best`` (``{}`` or iteration/val_acc/images/syn_lr),
-``validation``, ``nonfinite_streak``, ``initial_rms``. A kill while writing leaves the previous file.
+``opt_img``, ``opt_lr``, ``generator``, ``iterations_done``, ``history``, ``best`` (``{}`` or
+iteration/val_acc/images/syn_lr/label_logits), ``validation``, ``nonfinite_streak``, ``initial_rms``; with soft
+labels also ``label_logits`` and ``opt_y``, with `image_ema` also ``ema``. A kill while writing leaves the
+previous file.
 """
 
 from __future__ import annotations

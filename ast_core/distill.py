@@ -36,12 +36,14 @@ class NonFiniteError(RuntimeError):
 @dataclass(frozen=True)
 class BestSet:
     """The synthetic set kept by validation accuracy (model selection, never test): the one after `iteration`
-    updates (0 is the starting set), with its `images` (on the CPU) and alpha `syn_lr`."""
+    updates (0 is the starting set), with its `images` (on the CPU), alpha `syn_lr` and, with soft labels, its
+    `label_logits`."""
 
     iteration: int
     val_acc: float
     images: Tensor
     syn_lr: float
+    label_logits: Tensor | None = None
 
     @property
     def distilled(self) -> bool:
@@ -51,8 +53,9 @@ class BestSet:
 
 @dataclass
 class DistillResult:
-    """The final set and alpha, the per-iteration history, and the best set by validation (None without an
-    evaluator) with the validation curve ({"iteration": updates done, "val_acc"} per evaluation)."""
+    """The final set (the images' moving average with `image_ema`), its hard labels, alpha and label logits (soft
+    labels only), the per-iteration history, and the best set by validation (None without an evaluator) with the
+    validation curve ({"iteration": updates done, "val_acc"} per evaluation)."""
 
     images: Tensor
     labels: Tensor
@@ -60,13 +63,16 @@ class DistillResult:
     history: list[dict[str, float]]
     best: BestSet | None = None
     validation: list[dict[str, float]] = field(default_factory=list)
+    label_logits: Tensor | None = None
 
 
 class Distiller:
     """Learns synthetic images and the student lr alpha by matching expert trajectory segments.
 
     `trajectories` is a sequence of objects with `.at(t)` and `.num_epochs` (plain or convexified experts);
-    `evaluator(images, labels, lr) -> validation accuracy` is called on the initial set, every `eval_every`
+    `label_logits` start the learnable labels when `config.soft_labels`;
+    `evaluator(images, targets, lr) -> validation accuracy` (targets: the hard labels, or the soft labels'
+    probabilities) is called on the initial set, every `eval_every`
     iterations and at the end, to keep the best synthetic set (model selection on validation, never on test;
     the initial set is a candidate too, so distillation can never be reported better than it really is).
     With `eval_every=0` only the final set is evaluated. With `checkpoint_dir` the run is saved there every
@@ -76,11 +82,12 @@ class Distiller:
     def __init__(self, config: DistillConfig, trajectories: Sequence[Trajectory], flat_model: FlatModel,
                  init_images: Tensor, labels: Tensor, device: str | torch.device = "cpu",
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100,
-                 evaluator: Evaluator | None = None, eval_every: int = 0) -> None:
+                 evaluator: Evaluator | None = None, eval_every: int = 0,
+                 label_logits: Tensor | None = None) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1")
         self.config = config
-        self.engine = MatchingEngine(config, trajectories, flat_model, init_images, labels, device)
+        self.engine = MatchingEngine(config, trajectories, flat_model, init_images, labels, device, label_logits)
         self.checkpoint = DistillCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.evaluator = evaluator
@@ -113,8 +120,10 @@ class Distiller:
         bar.close()
         if self.evaluator and (not self.validation or self.validation[-1]["iteration"] != self.iteration):
             self._evaluate()  # the final set is a candidate too, also when the last iteration was not a check
-        return DistillResult(self.engine.images.detach().clone(), self.engine.labels.clone(), self.engine.lr,
-                             self.history, self.best, self.validation)
+        logits = self.engine.label_logits
+        return DistillResult(self.engine.kept_images().clone(), self.engine.labels.clone(), self.engine.lr,
+                             self.history, self.best, self.validation,
+                             None if logits is None else logits.detach().clone())
 
     def _track_nonfinite(self, record: dict[str, float]) -> None:
         if not record["skipped"]:
@@ -146,11 +155,13 @@ class Distiller:
     def _evaluate(self) -> None:
         """Validation accuracy of the current set, appended to `validation`; keeps the best set so far."""
         assert self.evaluator is not None
-        images = self.engine.images.detach()
-        accuracy = float(self.evaluator(images.clone(), self.engine.labels, self.engine.lr))
+        images = self.engine.kept_images()
+        accuracy = float(self.evaluator(images.clone(), self.engine.training_targets(), self.engine.lr))
         self.validation.append({"iteration": self.iteration, "val_acc": accuracy})
         if self.best is None or accuracy > self.best.val_acc:
-            self.best = BestSet(self.iteration, accuracy, images.cpu().clone(), self.engine.lr)
+            logits = self.engine.label_logits
+            self.best = BestSet(self.iteration, accuracy, images.cpu().clone(), self.engine.lr,
+                                None if logits is None else logits.detach().cpu().clone())
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _save(self) -> None:

@@ -84,10 +84,19 @@ def _validate(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetS
     if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:
         raise ValueError(f"images has shape {tuple(images.shape)}; expected N x "
                          f"{' x '.join(map(str, expected))}")
-    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+    if labels.is_floating_point():  # soft labels: one probability row per image (DATM)
+        if labels.dim() != 2 or tuple(labels.shape) != (images.shape[0], info.num_classes):
+            raise ValueError(f"soft labels have shape {tuple(labels.shape)}; expected {images.shape[0]} x "
+                             f"{info.num_classes} (one probability row per image)")
+        rows = labels.double().sum(dim=1)
+        if not (torch.isfinite(labels).all() and (labels >= 0).all() and torch.allclose(rows, torch.ones_like(rows),
+                                                                                       atol=1e-4)):
+            raise ValueError("soft labels must be finite, >= 0 and sum to 1 per image (softmax of the logits)")
+    elif labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels has shape {tuple(labels.shape)} and dtype {labels.dtype}; expected "
-                         f"{images.shape[0]} integer (hard) labels, one per image")
-    if labels.min() < 0 or labels.max() >= info.num_classes:
+                         f"{images.shape[0]} integer (hard) labels, one per image, or {images.shape[0]} x "
+                         f"{info.num_classes} soft labels")
+    elif labels.min() < 0 or labels.max() >= info.num_classes:
         raise ValueError(f"labels must lie in [0, {info.num_classes}), got [{int(labels.min())}, "
                          f"{int(labels.max())}]")
     if not torch.isfinite(images).all():
@@ -144,7 +153,8 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, lr: float, protocol: str, ite
 
     `model` maps K x B x C x H x W to K x B x classes (a `ConvNetEnsemble`, or `_Single` for K = 1);
     network k draws its batch order and DSA parameters from `generators[k]` alone, and the loss is the sum
-    of the K networks' mean cross-entropies, so each network trains as it would by itself.
+    of the K networks' mean cross-entropies, so each network trains as it would by itself. Float `y` rows are
+    soft labels (probabilities), learned with the soft cross-entropy -sum_c p_c log q_c (DATM's evaluation).
     """
     batch = min(batch_size, x.shape[0])
     steps_per_epoch = math.ceil(x.shape[0] / batch)
@@ -162,7 +172,7 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, lr: float, protocol: str, ite
         indices = [order[position * batch:(position + 1) * batch] for order in orders]
         inputs = torch.stack([dsa(x[idx], generator=g) for idx, g in zip(indices, generators, strict=True)])
         targets = torch.stack([y[idx] for idx in indices])
-        losses = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="none")
+        losses = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(0, 1), reduction="none")
         loss = losses.view(len(generators), -1).mean(dim=1).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -198,7 +208,7 @@ def _run(images: Tensor, labels: Tensor, lr: float | Tensor, data: DatasetSplits
     dsa = DSA(dsa_strategy if dsa_strategy is not None else dsa_strategy_for(data.info.name))
     dev = torch.device(device)
     x = images.detach().to(dev, torch.get_default_dtype())
-    y = labels.detach().to(dev, torch.int64)
+    y = labels.detach().to(dev, x.dtype if labels.is_floating_point() else torch.int64)
     eval_x, eval_y = (data.test_x, data.test_y) if spec.eval_split == "test" else (data.val_x, data.val_y)
     seeds = [int(seed) + i for i in range(spec.num_models)]
     label = progress if isinstance(progress, str) else f"eval {spec.arch}/{protocol}"
@@ -221,6 +231,7 @@ def evaluate_synthetic(images: Tensor, labels: Tensor, lr: float | Tensor, data:
                        progress: bool | str = False) -> EvalResult:
     """Score a synthetic set (docs/method.md section 5): train `spec.num_models` fresh networks on it with
     lr = learned α, `spec.iterations` long under `spec.protocol`, and score them on `spec.eval_split`.
+    `labels`: class indices, or an images x classes matrix of soft labels (probabilities, soft cross-entropy).
 
     `dsa_strategy=None` uses `dsa_strategy_for(data.info.name)`; `"none"` disables augmentation. `progress`:
     show progress bars, labelled with it when it is a string.

@@ -8,8 +8,10 @@ momentum, a learning rate halved mid-training and the loss
 
 with λ_e from `ast_core.losses.clipped_ce_scale` (switch `clip_ce`) and the gradient penalty
 `ast_core.losses.gradient_penalty` (switch `grad_penalty`). Every training batch is augmented with DSA;
-the penalty is taken on the un-augmented batch. Randomness (initialisation, shuffling, DSA) is derived
-from the expert's seed only, so the same seed gives bit-identical checkpoints on the CPU.
+the penalty is taken on the un-augmented batch. FTD's flat experts (`sam_rho` > 0) take each step with
+the sharpness-aware gradient (SAM, or GSAM with `sam_alpha`; `sharpness_aware_gradients`). Randomness
+(initialisation, shuffling, DSA) is derived from the expert's seed only, so the same seed gives
+bit-identical checkpoints on the CPU.
 
 `train_experts` fills a buffer folder (format: `ast_core.trajectory`), one file per expert, resuming after a kill.
 Where the experts train is an `ExpertScheduler`: `LocalScheduler` (this process, or a process pool) here,
@@ -18,10 +20,11 @@ Where the experts train is an `ExpertScheduler`: `LocalScheduler` (this process,
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,20 +75,59 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y
     for start in range(0, x.shape[0], config.batch_size):
         index = order[start:start + config.batch_size]
         inputs, labels = x[index], y[index]
-        logits = model(dsa(inputs, generator=dsa_generator))
-        loss = scale * F.cross_entropy(logits, labels)
-        if config.grad_penalty:
-            penalty = gradient_penalty(model, inputs, config.gp_target, config.gp_norm, config.gp_sided)
-            loss = loss + config.gp_weight * penalty
-            gp_sum += penalty.detach() * index.numel()
+        augmented = dsa(inputs, generator=dsa_generator)
+        batch_loss = functools.partial(expert_loss, model, augmented, inputs, labels, config, scale)
         optimizer.zero_grad(set_to_none=True)
+        loss, logits, penalty = batch_loss()
         loss.backward()
+        if config.sam_rho:
+            sharpness_aware_gradients(model, batch_loss, config.sam_rho, config.sam_alpha)
         optimizer.step()
+        if penalty is not None:
+            gp_sum += penalty.detach() * index.numel()
         loss_sum += loss.detach() * index.numel()
         correct += (logits.detach().argmax(dim=1) == labels).sum()
     n = x.shape[0]
     return {"train_loss": float(loss_sum) / n, "train_acc": 100.0 * float(correct) / n,
             "gp": float(gp_sum) / n if config.grad_penalty else None}
+
+
+def expert_loss(model: nn.Module, augmented: Tensor, inputs: Tensor, labels: Tensor, config: ExpertConfig,
+                scale: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(L_SC of Eq. 19, logits, penalty or None) of one batch at the model's current weights: `scale` times the
+    CE on the augmented batch, plus the input-gradient penalty on the un-augmented one."""
+    logits = model(augmented)
+    loss = scale * F.cross_entropy(logits, labels)
+    if not config.grad_penalty:
+        return loss, logits, None
+    penalty = gradient_penalty(model, inputs, config.gp_target, config.gp_norm, config.gp_sided)
+    return loss + config.gp_weight * penalty, logits, penalty
+
+
+def sharpness_aware_gradients(model: nn.Module, loss_fn: Callable[[], tuple[Tensor, ...]], rho: float,
+                              alpha: float) -> None:
+    """Replace the gradients in `model`'s `.grad` (those of the loss at w) by the sharpness-aware ones;
+    `loss_fn()` returns a tuple whose first item is the loss at the model's current weights.
+
+    SAM (Foret et al., ICLR 2021, Eq. 2): g_p = grad L(w + rho g / ||g||), the gradient at the worst nearby point.
+    GSAM (Zhuang et al., ICLR 2022, Algorithm 1), which FTD's experts use: g_p - alpha g_perp, where g_perp is
+    the part of g orthogonal to g_p; it also lowers the surrogate gap. alpha = 0 is SAM. The weights are back at
+    w afterwards; the caller's optimiser steps with the new gradients.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.detach().clone() for p in params]
+    scale = rho / torch.sqrt(sum(g.square().sum() for g in grads)).clamp_min(1e-12)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.add_(g, alpha=float(scale))
+    perturbed = torch.autograd.grad(loss_fn()[0], params)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.sub_(g, alpha=float(scale))
+        along = sum((g * q).sum() for g, q in zip(grads, perturbed, strict=True))
+        along = along / sum(q.square().sum() for q in perturbed).clamp_min(1e-24)
+        for p, g, q in zip(params, grads, perturbed, strict=True):
+            p.grad = q - alpha * (g - along * q)
 
 
 def grad_norm_stats(model: nn.Module, probe: Tensor, norm: str) -> dict[str, float]:
@@ -162,7 +204,7 @@ def train_expert(data: DatasetSplits, config: ExpertConfig, seed: int, device: s
 WALL_CLOCK_KEYS = ("train_seconds",)  # history fields a retraining cannot reproduce: never stored with the expert
 
 
-def expert_metadata(data: DatasetSplits, config: ExpertConfig, seed: int, index: int,
+def expert_metadata(data: DatasetSplits, config: ExpertConfig, seed: int | None, index: int,
                     history: dict[str, Any]) -> dict[str, Any]:
     """The JSON metadata stored with an expert (format: `ast_core.trajectory`): the history without its
     wall-clock fields (`WALL_CLOCK_KEYS`), so the same training writes the same file."""

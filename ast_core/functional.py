@@ -5,9 +5,14 @@ g_n = grad_theta CE(f(theta_{n-1}, x_n)) through N steps (MTT Eq. 5, AST Eq. 20-
 keeping the graph of every step's backward pass (`create_graph=True`) and differentiating it again.
 
 `step_gradient(flat_model)` returns `step(flat, x, labels) -> (g, ce)` where `g` is differentiable with
-respect to `flat` and `x`. For the instance-norm ConvNet of `ast_core.models` it is `ConvNetStepGrad`: the
-forward and backward passes are written out with plain tensor ops (no autograd graph) and the
-vector-Jacobian product that the outer backward needs is computed by hand.
+respect to `flat` and `x`, and to `labels` when they are soft: a float ``[B, classes]`` matrix of target
+probabilities (DATM's learned labels, `ast_core.soft_labels`), for which CE is the soft cross-entropy
+-sum_c p_c log softmax(z)_c averaged over the batch. g is linear in p, g = J^T (q sum_c p_c - p) / B with
+q = softmax(z) and J the logits' Jacobian (q - p when p sums to 1, as a softmax does), so
+v^T dg/dp = ((q . J v) - J v) / B per image: from the logits' tangent J v, which the backward pass computes anyway.
+For the instance-norm ConvNet of `ast_core.models` it is `ConvNetStepGrad`: the forward and backward passes
+are written out with plain tensor ops (no autograd graph) and the vector-Jacobian product that the outer
+backward needs is computed by hand.
 Because g is a gradient, its Jacobian w.r.t. theta is the symmetric Hessian H, so for a cotangent v
 
     v^T dg/dtheta = H v = d/de grad_theta CE(theta + e v, x) |_{e=0}
@@ -173,11 +178,15 @@ class ConvNetStepGrad(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, v: Tensor, _: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx, v: Tensor, _: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
         flat, *saved = ctx.saved_tensors
-        need_theta, need_x = ctx.needs_input_grad[:2]
-        out, d_x = _backward_pass(flat, v, saved, ctx.layout, need_theta, need_x)
-        return out, d_x, None, None
+        need_theta, need_x, need_labels = ctx.needs_input_grad[:3]
+        out, d_x, d_logits = _backward_pass(flat, v, saved, ctx.layout, need_theta, need_x)
+        d_labels = None
+        if need_labels:  # soft labels: d/dp of g = J^T (q sum(p) - p) / B in direction v
+            probs = saved[1]
+            d_labels = ((probs * d_logits).sum(1, keepdim=True) - d_logits) / len(d_logits)
+        return out, d_x, d_labels, None
 
 
 def _forward_pass(flat: Tensor, x: Tensor, labels: Tensor,
@@ -199,9 +208,13 @@ def _forward_pass(flat: Tensor, x: Tensor, labels: Tensor,
     weight = flat[w_slice].view(layout.classifier_shape)
     features = h.flatten(1)
     log_probs = torch.log_softmax(torch.addmm(flat[c_slice], features, weight.t()), 1)
-    loss = F.nll_loss(log_probs, labels)
     probs = log_probs.exp()
-    grad_logits = probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)
+    if labels.is_floating_point():  # soft targets p: CE = -mean_b sum_c p log q, dCE/dz = (q sum(p) - p) / B
+        loss = -(labels * log_probs).sum(1).mean()
+        grad_logits = probs * labels.sum(1, keepdim=True) - labels
+    else:
+        loss = F.nll_loss(log_probs, labels)
+        grad_logits = probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)
     grad_logits /= len(labels)
     grad[w_slice] = (grad_logits.t() @ features).view(-1)
     grad[c_slice] = grad_logits.sum(0)
@@ -225,8 +238,9 @@ def _forward_pass(flat: Tensor, x: Tensor, labels: Tensor,
 
 
 def _backward_pass(flat: Tensor, v: Tensor, saved: list[Tensor], layout: ConvNetLayout, need_theta: bool,
-                   need_x: bool) -> tuple[Tensor | None, Tensor | None]:
-    """(v^T dg/dtheta, v^T dg/dx): the tangent forward pass in direction v, then the tangent backward pass."""
+                   need_x: bool) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """(v^T dg/dtheta, v^T dg/dx, the logits' tangent J v): the tangent forward pass in direction v, then the
+    tangent backward pass."""
     depth = len(layout.blocks)
     features, probs, grad_logits, *rest = saved
     inputs, normed, rstds, block_grads, grad_sums = (rest[i * depth:(i + 1) * depth] for i in range(5))
@@ -261,7 +275,7 @@ def _backward_pass(flat: Tensor, v: Tensor, saved: list[Tensor], layout: ConvNet
         d_grad_out = _block_r_backward(layout, index, flat, v, out, inputs[index], normed[index], rstds[index],
                                        pre_activations[index], block_grads[index], grad_sums[index], d_grad_out,
                                        *saved_tangents[index], need_input=bool(index) or need_x)
-    return out, d_grad_out
+    return out, d_grad_out, d_logits
 
 
 def _instance_norm(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -333,10 +347,10 @@ def _autograd_step(flat_model: FlatModel) -> StepGradient:
     """Fallback for any architecture: autograd's gradient, kept differentiable when the inputs need it."""
 
     def step(flat: Tensor, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        differentiable = torch.is_grad_enabled() and (flat.requires_grad or x.requires_grad)
+        differentiable = torch.is_grad_enabled() and (flat.requires_grad or x.requires_grad or labels.requires_grad)
         with torch.enable_grad():
             leaf = flat if flat.requires_grad else flat.detach().requires_grad_(True)
-            loss = F.cross_entropy(flat_model(leaf, x), labels)
+            loss = F.cross_entropy(flat_model(leaf, x), labels)  # float labels: soft cross-entropy
             (grad,) = torch.autograd.grad(loss, leaf, create_graph=differentiable)
         return grad, loss.detach()
 
@@ -344,7 +358,8 @@ def _autograd_step(flat_model: FlatModel) -> StepGradient:
 
 
 def step_gradient(flat_model: FlatModel) -> StepGradient:
-    """`step(flat, x, labels) -> (g, ce)`: g = grad_flat CE, differentiable w.r.t. `flat` and `x`.
+    """`step(flat, x, labels) -> (g, ce)`: g = grad_flat CE, differentiable w.r.t. `flat`, `x` and soft `labels`
+    (class indices, or a float [B, classes] matrix of target probabilities).
 
     Uses `ConvNetStepGrad` for an instance-norm ConvNet and autograd otherwise; `ce` is detached.
     """

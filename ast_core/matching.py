@@ -3,7 +3,8 @@ section 4).
 
 One iteration:
 1. sample an expert and a start epoch t: integer U{0..T+-1} (MTT) or real U(0, T+) (MCT, read off a
-   convexified or linearly-read trajectory);
+   convexified or linearly-read trajectory); with DATM's window T+ grows with the iteration
+   (`DistillConfig.start_bound`);
 2. optionally perturb the starting expert filter-wise (Eq. 23);
 3. unroll N student steps on the synthetic set with DSA, loss CE (Eq. 21) or balanced nu * CE (Eq. 20),
    keeping the graph so the final loss reaches the images and the learnable lr alpha (`gradient="unroll"`;
@@ -11,7 +12,9 @@ One iteration:
    step with the same math as autograd's double backward), or with memory constant in N
    (`gradient="tesla"`, `ast_core.tesla`);
 4. final matching loss (Eq. 5) plus optional intermediate matching losses (Eq. 22);
-5. SGD(momentum 0.5) steps on images and alpha.
+5. SGD(momentum 0.5) steps on images and alpha, and on the label logits with DATM's soft labels; with DATM's
+   `skip_threshold` an iteration whose matching loss exceeds it updates nothing; with FTD's `image_ema` a moving
+   average of the images follows every update (`kept_images`, what validation scores).
 
 Every AST module and the MCT sampling is an independent switch in `DistillConfig`, so each ablation row is
 one configuration. The outer loop (validation, checkpoints, divergence checks) is `ast_core.distill.Distiller`.
@@ -62,8 +65,11 @@ def balance_factor(start: float, max_start: float, vartheta: float = 8.0, log_ba
     return value if start >= middle else 1.0 / value
 
 
-def intermediate_steps(syn_steps: int, expert_epochs: int) -> list[int]:
-    """Student steps at which intermediate losses are taken (Eq. 22): floor(k N / M) for k = 1..M-1."""
+def intermediate_steps(syn_steps: int, expert_epochs: int, spacing: str = "paper") -> list[int]:
+    """Student steps at which intermediate losses are taken (Eq. 22), k = 1..M-1: floor(k N / M) ("paper") or
+    (N // M) k ("code", the authors' `distill.py`; the two differ when M does not divide N)."""
+    if spacing == "code":
+        return [(syn_steps // expert_epochs) * k for k in range(1, expert_epochs)]
     return [k * syn_steps // expert_epochs for k in range(1, expert_epochs)]
 
 
@@ -142,13 +148,16 @@ def check_representable(config: DistillConfig, dtype: torch.dtype) -> None:
 class MatchingEngine:
     """The learnable synthetic set and one matching iteration on it (AST Algorithm 2).
 
-    Owns the images, the student lr alpha (`syn_lr`), their SGD optimisers and the random generator every draw
-    comes from (segment, batches, DSA, perturbation), so `state_dict` is all a resume needs of it.
+    Owns the images, the student lr alpha (`syn_lr`), the label logits when `soft_labels` (initialised from
+    `label_logits`, e.g. `ast_core.soft_labels.expert_label_logits`), their SGD optimisers, the images' moving
+    average and the random generator every draw comes from (segment, batches, DSA, perturbation), so
+    `state_dict` is all a resume needs of it. `labels` are always the hard class labels of the images.
     `trajectories` is a sequence of objects with `.at(t)` and `.num_epochs` (plain or convexified experts).
     """
 
     def __init__(self, config: DistillConfig, trajectories: Sequence[Trajectory], flat_model: FlatModel,
-                 init_images: Tensor, labels: Tensor, device: str | torch.device = "cpu") -> None:
+                 init_images: Tensor, labels: Tensor, device: str | torch.device = "cpu",
+                 label_logits: Tensor | None = None) -> None:
         if len(trajectories) == 0:
             raise ValueError("trajectories is empty: train experts first (buffer stage)")
         shortest = min(traj.num_epochs for traj in trajectories)
@@ -161,6 +170,10 @@ class MatchingEngine:
         if not torch.isfinite(init_images).all():
             raise ValueError("init_images contains non-finite values")
         check_representable(config, init_images.dtype)
+        if config.soft_labels and (label_logits is None or label_logits.shape[0] != labels.shape[0]
+                                   or label_logits.dim() != 2 or not torch.isfinite(label_logits).all()):
+            raise ValueError("soft_labels needs label_logits: a finite [images, classes] matrix (the experts' "
+                             "logits, ast_core.soft_labels.expert_label_logits)")
         self.config = config
         self.trajectories = trajectories
         self.flat_model = flat_model
@@ -170,6 +183,14 @@ class MatchingEngine:
         self.syn_lr = torch.tensor(config.lr_teacher, device=self.device, requires_grad=True)
         self.opt_img = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.img_momentum)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=config.lr_momentum)
+        self.label_logits: Tensor | None = None
+        self.optimizers = [self.opt_img, self.opt_lr]
+        if config.soft_labels:
+            self.label_logits = label_logits.detach().clone().to(self.device, init_images.dtype).requires_grad_(True)
+            self.optimizers.append(torch.optim.SGD([self.label_logits], lr=config.lr_y,
+                                                   momentum=config.label_momentum))
+        self.ema = self.images.detach().clone() if config.image_ema else None
+        self.iterations_done = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.dsa = DSA(config.dsa_strategy)
         self.step_gradient = step_gradient(flat_model)
@@ -184,14 +205,26 @@ class MatchingEngine:
     def image_rms(self) -> float:
         return float(self.images.detach().pow(2).mean().sqrt())
 
+    def kept_images(self) -> Tensor:
+        """The images validation scores and a run keeps: their moving average with `image_ema` (FTD), else the
+        images themselves (detached)."""
+        return self.ema if self.ema is not None else self.images.detach()
+
+    def training_targets(self) -> Tensor:
+        """What a network trained on the set learns from: the soft labels softmax(label logits) (DATM), else the
+        hard labels (detached)."""
+        if self.label_logits is None:
+            return self.labels
+        return torch.softmax(self.label_logits.detach(), dim=1)
+
     # -- sampling ------------------------------------------------------------------------------------------
-    def _sample_segment(self) -> tuple[int, float]:
-        cfg = self.config
+    def _sample_segment(self, bound: float) -> tuple[int, float]:
+        """An expert and a start epoch below `bound` (this iteration's T+)."""
         expert = int(torch.randint(len(self.trajectories), (1,), generator=self.generator))
-        if cfg.sampling == "discrete":
-            start = float(torch.randint(int(cfg.max_start_epoch), (1,), generator=self.generator))
+        if self.config.sampling == "discrete":
+            start = float(torch.randint(int(bound), (1,), generator=self.generator))
         else:
-            start = float(torch.rand((), generator=self.generator, dtype=torch.float64)) * cfg.max_start_epoch
+            start = float(torch.rand((), generator=self.generator, dtype=torch.float64)) * bound
         return expert, start
 
     def batches(self) -> list[Tensor]:
@@ -206,17 +239,21 @@ class MatchingEngine:
 
     # -- one iteration ---------------------------------------------------------------------------------------
     def unroll_loss(self, start_params: Tensor, targets: dict[int, Tensor], expert_start: Tensor,
-                    nu: float) -> tuple[Tensor, dict[str, float]]:
-        """Unroll N student steps and return the total matching loss (Eq. 5 + Eq. 22) and statistics."""
+                    nu: float, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Unroll N student steps on (images, `labels`) and return the total matching loss (Eq. 5 + Eq. 22) and
+        statistics; the denominators come from `expert_start` or, with `matching_denominator: perturbed`, from
+        `start_params`."""
         cfg = self.config
-        checkpoints = {step: k for k, step in enumerate(intermediate_steps(cfg.syn_steps, cfg.expert_epochs), 1)}
+        steps = intermediate_steps(cfg.syn_steps, cfg.expert_epochs, cfg.intermediate_spacing)
+        checkpoints = {step: k for k, step in enumerate(steps, 1)}
+        denominator = start_params if cfg.matching_denominator == "perturbed" else expert_start
         params = start_params
         velocity = torch.zeros_like(params) if cfg.student_momentum else None
         total = torch.zeros((), device=self.device)
         inner_losses = []
         for step, batch in enumerate(self.batches(), 1):
             x = self.dsa(self.images[batch], generator=self.generator)
-            grad, ce = self.step_gradient(params, x, self.labels[batch])
+            grad, ce = self.step_gradient(params, x, labels[batch])
             inner_losses.append(float(ce))
             grad = nu * grad
             if velocity is not None:
@@ -226,9 +263,8 @@ class MatchingEngine:
             if cfg.intermediate_matching and step in checkpoints:
                 k = checkpoints[step]
                 weight = intermediate_weight(k, cfg.expert_epochs, cfg.intermediate_weights)
-                denominator = start_params if cfg.intermediate_denominator == "perturbed" else expert_start
                 total = total + weight * matching_loss(params, targets[k], denominator)
-        final = matching_loss(params, targets[cfg.expert_epochs], expert_start)
+        final = matching_loss(params, targets[cfg.expert_epochs], denominator)
         return total + final, self._stats(final, inner_losses, nu)
 
     @staticmethod
@@ -239,24 +275,39 @@ class MatchingEngine:
 
     def loss_and_gradients(self, start_params: Tensor, targets: dict[int, Tensor], expert_start: Tensor,
                            nu: float) -> tuple[Tensor, dict[str, float]]:
-        """Total matching loss; when it is finite, its gradients are left in images.grad and syn_lr.grad."""
-        if self.config.gradient == "tesla":
+        """Total matching loss; when it is finite and not above `skip_threshold`, its gradients are left in
+        images.grad, syn_lr.grad and (soft labels) label_logits.grad."""
+        cfg = self.config
+        # soft labels: a leaf of probabilities collects dL/dp, chained into the logits below (one softmax VJP)
+        labels = self.training_targets().requires_grad_(True) if cfg.soft_labels else self.labels
+        if cfg.gradient == "tesla":
+            denominator = start_params if cfg.matching_denominator == "perturbed" else expert_start
             loss, inner_losses = tesla_gradients(
                 self.step_gradient, lambda x, generator: self.dsa(x, generator=generator), self.images,
-                self.labels, self.batches(), start_params, targets[self.config.expert_epochs], expert_start,
+                labels, self.batches(), start_params, targets[cfg.expert_epochs], denominator,
                 self.syn_lr, nu, self.generator)
-            return loss, self._stats(loss, inner_losses, nu)
-        loss, stats = self.unroll_loss(start_params, targets, expert_start, nu)
-        if torch.isfinite(loss):
-            loss.backward()
+            stats = self._stats(loss, inner_losses, nu)
+        else:
+            loss, stats = self.unroll_loss(start_params, targets, expert_start, nu, labels)
+            if torch.isfinite(loss) and not self.above_threshold(stats):
+                loss.backward()
+        if self.label_logits is not None and labels.grad is not None:
+            torch.autograd.backward(torch.softmax(self.label_logits, dim=1), labels.grad)
         return loss, stats
+
+    def above_threshold(self, stats: dict[str, float]) -> bool:
+        """DATM's skip: the iteration's matching loss (Eq. 5) exceeds `skip_threshold`."""
+        threshold = self.config.skip_threshold
+        return threshold is not None and stats["matching_loss"] > threshold
 
     def step(self) -> dict[str, float]:
         """One iteration: sample a segment, match it, update images and alpha (a non-finite step is rolled back
         and reported as skipped). Returns the iteration's record (expert, start epoch, losses, alpha, ...)."""
         cfg = self.config
         tic = time.perf_counter()
-        expert_index, start = self._sample_segment()
+        bound = cfg.start_bound(self.iterations_done)
+        self.iterations_done += 1
+        expert_index, start = self._sample_segment(bound)
         traj = self.trajectories[expert_index]
         end_epoch = traj.num_epochs
         expert_start = traj.at(start).to(self.device)
@@ -268,42 +319,68 @@ class MatchingEngine:
             start_params = torch.cat([perturbed[name].reshape(-1) for name in self.flat_model.names])
         nu = (balance_factor(start, cfg.max_start_epoch, cfg.vartheta, cfg.log_base, cfg.balance_middle)
               if cfg.balanced_loss else 1.0)
-        self.opt_img.zero_grad(set_to_none=True)
-        self.opt_lr.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss, stats = self.loss_and_gradients(start_params.detach().clone(), targets, expert_start, nu)
-        finite = (bool(torch.isfinite(loss)) and self.images.grad is not None and self.syn_lr.grad is not None
-                  and bool(torch.isfinite(self.images.grad).all() and torch.isfinite(self.syn_lr.grad)))
-        skipped = not (finite and self._apply_update())
-        return {"expert": expert_index, "start_epoch": start, "loss": float(loss.detach()), "balance_factor": nu,
-                "syn_lr": self.lr, "skipped": float(skipped), "seconds": time.perf_counter() - tic, **stats}
+        over = self.above_threshold(stats)
+        skipped = not over and not (self._gradients_finite(loss) and self._apply_update())
+        return {"expert": expert_index, "start_epoch": start, "start_bound": bound, "loss": float(loss.detach()),
+                "balance_factor": nu, "syn_lr": self.lr, "skipped": float(skipped), "threshold_skipped": float(over),
+                "seconds": time.perf_counter() - tic, **stats}
+
+    def _learnables(self) -> list[Tensor]:
+        return [self.images, self.syn_lr] + ([self.label_logits] if self.label_logits is not None else [])
+
+    def _gradients_finite(self, loss: Tensor) -> bool:
+        grads = [t.grad for t in self._learnables()]
+        return (bool(torch.isfinite(loss)) and all(g is not None for g in grads)
+                and all(bool(torch.isfinite(g).all()) for g in grads))
 
     def _apply_update(self) -> bool:
-        """Step images and alpha; roll back if the result is non-finite. Returns whether the step was kept."""
-        saved = (self.images.detach().clone(), self.syn_lr.detach().clone(),
-                 copy.deepcopy(self.opt_img.state_dict()), copy.deepcopy(self.opt_lr.state_dict()))
-        self.opt_img.step()
-        self.opt_lr.step()
+        """Step images, alpha (and label logits); roll back if the result is non-finite, else move the images'
+        moving average. Returns whether the step was kept."""
+        learnables = self._learnables()
+        saved = ([t.detach().clone() for t in learnables], [copy.deepcopy(o.state_dict()) for o in self.optimizers])
+        for optimizer in self.optimizers:
+            optimizer.step()
         with torch.no_grad():
             self.syn_lr.clamp_(min=self.config.min_syn_lr)
-            if torch.isfinite(self.images).all() and torch.isfinite(self.syn_lr):
+            if all(bool(torch.isfinite(t).all()) for t in learnables):
+                if self.ema is not None:  # ema <- d ema + (1 - d) images
+                    self.ema.lerp_(self.images.detach(), 1.0 - self.config.image_ema)
                 return True
-            self.images.copy_(saved[0])
-            self.syn_lr.copy_(saved[1])
-        self.opt_img.load_state_dict(saved[2])
-        self.opt_lr.load_state_dict(saved[3])
+            for tensor, value in zip(learnables, saved[0], strict=True):
+                tensor.copy_(value)
+        for optimizer, state in zip(self.optimizers, saved[1], strict=True):
+            optimizer.load_state_dict(state)
         return False
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
-        """Images, alpha, both optimisers and the generator (CPU tensors): with them a run continues bit for bit."""
-        return {"images": self.images.detach().cpu(), "syn_lr": self.syn_lr.detach().cpu(),
-                "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
-                "generator": self.generator.get_state()}
+        """Images, alpha, label logits, their optimisers, the moving average, the iteration count and the generator
+        (CPU tensors): with them a run continues bit for bit."""
+        state: dict[str, object] = {
+            "images": self.images.detach().cpu(), "syn_lr": self.syn_lr.detach().cpu(),
+            "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
+            "generator": self.generator.get_state(), "iterations_done": self.iterations_done}
+        if self.label_logits is not None:
+            state["label_logits"] = self.label_logits.detach().cpu()
+            state["opt_y"] = self.optimizers[2].state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.cpu()
+        return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         with torch.no_grad():
             self.images.copy_(state["images"].to(self.device))
             self.syn_lr.copy_(state["syn_lr"].to(self.device))
+            if self.label_logits is not None:
+                self.label_logits.copy_(state["label_logits"].to(self.device))
+            if self.ema is not None:
+                self.ema.copy_(state["ema"].to(self.device))
         self.opt_img.load_state_dict(state["opt_img"])
         self.opt_lr.load_state_dict(state["opt_lr"])
+        if self.label_logits is not None:
+            self.optimizers[2].load_state_dict(state["opt_y"])
         self.generator.set_state(state["generator"])
+        self.iterations_done = int(state["iterations_done"])

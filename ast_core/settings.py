@@ -62,6 +62,7 @@ GRADIENT_MODES = ("unroll", "tesla")
 PERTURB_FORMS = ("paper", "code")
 DENOMINATORS = ("unperturbed", "perturbed")
 BALANCE_MIDDLES = ("half", "floor")
+INTERMEDIATE_SPACINGS = ("paper", "code")                 # Eq. 22's steps: floor(k N / M) | (N // M) k
 
 # Differentiable Siamese Augmentation (ast_core.augment).
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -96,6 +97,11 @@ def dsa_strategy_for(dataset: str, strategy: str = DEFAULT_STRATEGY) -> str:
     if key in DIGIT_DATASETS:
         families = tuple(f for f in families if f != "flip")
     return "_".join(families) if families else "none"
+
+
+def _real(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_positive_int(value: Any) -> bool:
@@ -151,35 +157,46 @@ class DistillConfig:
     intermediate_weights: str = "equal"
     perturb_rho: float = 0.0             # Eq. 23; 0 disables
     perturb_form: str = "paper"          # paper: per filter of >= 2-D weights (Eq. 23) | code: conv layers, θ ⊙ d
-    intermediate_denominator: str = "unperturbed"  # Eq. 22 denominators from θ*_t, or from the perturbed start
+    intermediate_spacing: str = "paper"  # Eq. 22 steps: floor(k N / M) (paper) | (N // M) k (code)
+    matching_denominator: str = "unperturbed"  # Eq. 5 and 22 denominators from θ*_t, or from the perturbed start
     balance_middle: str = "half"         # Eq. 20's m: T+/2 (paper) or floor(T+/2) (code)
     max_image_growth: float = 100.0      # stop when the images' RMS exceeds this multiple of the initial RMS
     student_momentum: float = 0.0        # optional heavy-ball student update
     gradient: str = "unroll"             # "tesla": constant memory in N (no intermediate matching/momentum)
+    soft_labels: bool = False            # DATM: learnable label logits, initialised from the experts' logits
+    lr_y: float = 2.0                    # SGD lr of the label logits (DATM CIFAR-10 ipc 10 and 50)
+    label_momentum: float = 0.9          # momentum of the label logits' SGD (DATM Momentum_y)
+    window_start: float | None = None    # DATM: the start-epoch bound grows from this to T+; None: always T+
+    window_iterations: int = 1           # iterations over which the bound grows from window_start to T+
+    skip_threshold: float | None = None  # DATM: iterations with matching loss above this update nothing
+    image_ema: float = 0.0               # FTD: decay of the images' moving average that validation scores; 0: off
     max_nonfinite: int = 10              # consecutive skipped iterations before giving up
     seed: int = 0
 
     def __post_init__(self) -> None:
         positive_ints = {"ipc": self.ipc, "iterations": self.iterations, "syn_steps": self.syn_steps,
-                         "expert_epochs": self.expert_epochs, "max_nonfinite": self.max_nonfinite}
+                         "expert_epochs": self.expert_epochs, "max_nonfinite": self.max_nonfinite,
+                         "window_iterations": self.window_iterations}
         for key, value in positive_ints.items():
             if not is_positive_int(value):
                 raise ValueError(f"{key}={value!r} must be a positive integer")
         positive = {"lr_img": self.lr_img, "lr_lr": self.lr_lr, "lr_teacher": self.lr_teacher,
                     "min_syn_lr": self.min_syn_lr, "max_start_epoch": self.max_start_epoch,
-                    "max_image_growth": self.max_image_growth}
+                    "max_image_growth": self.max_image_growth, "lr_y": self.lr_y}
         for key, value in positive.items():
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{key}={value!r} must be a finite number > 0")
         for key, value in {"img_momentum": self.img_momentum, "lr_momentum": self.lr_momentum,
-                           "student_momentum": self.student_momentum}.items():
+                           "student_momentum": self.student_momentum, "label_momentum": self.label_momentum,
+                           "image_ema": self.image_ema}.items():
             if not 0 <= value < 1:  # NaN fails too
                 raise ValueError(f"{key}={value!r} must be in [0, 1)")
         choices = {"sampling": (self.sampling, SAMPLING), "gradient": (self.gradient, GRADIENT_MODES),
                    "intermediate_weights": (self.intermediate_weights, INTERMEDIATE_WEIGHTS),
                    "perturb_form": (self.perturb_form, PERTURB_FORMS),
-                   "intermediate_denominator": (self.intermediate_denominator, DENOMINATORS),
-                   "balance_middle": (self.balance_middle, BALANCE_MIDDLES)}
+                   "matching_denominator": (self.matching_denominator, DENOMINATORS),
+                   "balance_middle": (self.balance_middle, BALANCE_MIDDLES),
+                   "intermediate_spacing": (self.intermediate_spacing, INTERMEDIATE_SPACINGS)}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
@@ -188,11 +205,34 @@ class DistillConfig:
         if not (math.isfinite(self.perturb_rho) and self.perturb_rho >= 0):
             raise ValueError(f"perturb_rho={self.perturb_rho!r} must be a finite number >= 0")
         check_balance(self.vartheta, self.log_base, self.balance_middle)
+        for key in ("soft_labels", "balanced_loss", "intermediate_matching"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}={getattr(self, key)!r} must be true or false")
+        if self.window_start is not None and not (_real(self.window_start)
+                                                  and 0 < self.window_start <= self.max_start_epoch):
+            raise ValueError(f"window_start={self.window_start!r} must be null (no window) or a number in "
+                             f"(0, max_start_epoch = {self.max_start_epoch}]")
+        discrete_window = self.sampling == "discrete" and self.window_start is not None
+        if discrete_window and self.window_start != int(self.window_start):
+            raise ValueError(f"window_start={self.window_start} must be an integer with discrete sampling")
+        if self.skip_threshold is not None and not (_real(self.skip_threshold) and self.skip_threshold > 0):
+            raise ValueError(f"skip_threshold={self.skip_threshold!r} must be null (never skip) or a finite "
+                             "number > 0")
         if self.sampling == "discrete" and float(self.max_start_epoch) != int(self.max_start_epoch):
             raise ValueError(f"max_start_epoch={self.max_start_epoch} must be an integer with discrete sampling")
         if self.gradient == "tesla" and (self.intermediate_matching or self.student_momentum):
             raise ValueError("gradient='tesla' supports neither intermediate_matching nor student_momentum; "
                              "use gradient='unroll' for them")
+
+    def start_bound(self, iteration: int) -> float:
+        """T+ of iteration `iteration` (0-based): with a DATM window, window_start + (T+ - window_start) *
+        min(iteration / window_iterations, 1), rounded down to an integer for discrete sampling (DATM's
+        `Sequential_Generation`); without one, T+."""
+        if self.window_start is None:
+            return float(self.max_start_epoch)
+        grown = (self.max_start_epoch - self.window_start) * min(iteration / self.window_iterations, 1.0)
+        bound = self.window_start + grown
+        return float(math.floor(bound)) if self.sampling == "discrete" else bound
 
     @property
     def epochs_needed(self) -> float:
@@ -207,10 +247,11 @@ class DistillConfig:
 # a row's `hyper`) and the switches of one method row (distill.configs.<row>). The remaining fields (ipc, seed,
 # optimiser momenta, min_syn_lr, dsa_strategy, max_nonfinite) are set by the pipeline or fixed.
 HYPER_FIELDS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn", "lr_img", "lr_lr",
-                "lr_teacher", "student_momentum", "max_image_growth")
+                "lr_teacher", "student_momentum", "max_image_growth", "lr_y", "window_start", "window_iterations",
+                "skip_threshold")
 SWITCH_FIELDS = ("sampling", "balanced_loss", "vartheta", "log_base", "intermediate_matching",
-                 "intermediate_weights", "perturb_rho", "perturb_form", "intermediate_denominator", "balance_middle",
-                 "gradient")
+                 "intermediate_weights", "intermediate_spacing", "perturb_rho", "perturb_form",
+                 "matching_denominator", "balance_middle", "gradient", "soft_labels", "label_momentum", "image_ema")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +263,8 @@ class ExpertConfig:
     The authors' code variant [C] (docs/method.md section 8) is ``clip_schedule="code"`` (λ = 0.5, 0.55, …, 0.95),
     ``lr=0.003``, ``lr_decay_factor=0.6``, ``lr_decay_rebuild=True`` (momentum reset at the lr step),
     ``weight_decay=1e-3``, ``gp_norm="pixel"``, ``gp_weight=2``; ``gp_sided="one_sided"`` is the paper's
-    text ("below K") rather than its two-sided formula.
+    text ("below K") rather than its two-sided formula. FTD's flat experts: ``sam_rho`` > 0 (SAM), with
+    ``sam_alpha`` > 0 GSAM.
     `dsa_strategy` None picks `dsa_strategy_for(dataset)`; "none" turns augmentation off. `zca` only
     records that the caller whitened the data (docs/method.md section 1).
     """
@@ -249,6 +291,8 @@ class ExpertConfig:
     gp_target: float = 1.0
     gp_norm: str = "sample"
     gp_sided: str = "two_sided"
+    sam_rho: float = 0.0                 # FTD flat experts: SAM/GSAM neighbourhood radius; 0: plain steps
+    sam_alpha: float = 0.0               # GSAM's surrogate-gap weight; 0: SAM
     zca: bool = False
 
     def __post_init__(self) -> None:
@@ -282,6 +326,8 @@ class ExpertConfig:
             "gp_target": (number(self.gp_target, 0.0), "a finite number >= 0"),
             "gp_norm": (self.gp_norm in GP_NORMS, f"one of {', '.join(GP_NORMS)}"),
             "gp_sided": (self.gp_sided in GP_SIDES, f"one of {', '.join(GP_SIDES)}"),
+            "sam_rho": (number(self.sam_rho, 0.0), "a finite number >= 0 (0: no sharpness-aware step)"),
+            "sam_alpha": (number(self.sam_alpha, 0.0, 1.0), "a number in [0, 1] (0: SAM, > 0: GSAM)"),
             "zca": (isinstance(self.zca, bool), "True or False"),
         }
         check_fields(self, checks)

@@ -38,7 +38,8 @@ Augment = Callable[[Tensor, torch.Generator], Tensor]
 def tesla_gradients(step: StepGradient, augment: Augment, images: Tensor, labels: Tensor,
                     batches: Sequence[Tensor], start: Tensor, target: Tensor, expert_start: Tensor, syn_lr: Tensor,
                     nu: float, generator: torch.Generator) -> tuple[Tensor, list[float]]:
-    """Final matching loss and the per-step inner losses; fills `images.grad` and `syn_lr.grad` if finite.
+    """Final matching loss and the per-step inner losses; fills `images.grad` and `syn_lr.grad` if finite, and
+    `labels.grad` for soft labels that require it. `expert_start` is the point the denominator is taken from.
 
     `augment(x, generator)` is the DSA call of the unrolled mode; `generator` is advanced exactly as there
     (one augmentation per step, in order), so both modes see the same draws.
@@ -60,12 +61,13 @@ def tesla_gradients(step: StepGradient, augment: Augment, images: Tensor, labels
     if not torch.isfinite(loss):
         return loss, inner
     cotangent = -2 * alpha * residual / denominator
+    learnable = [images] + ([labels] if labels.requires_grad else [])  # soft labels (a leaf) get their part too
     params = start.detach()
     replay = torch.Generator(device=generator.device)
     for batch, state in zip(batches, states, strict=True):
         replay.set_state(state)
         grad, _ = step(params, augment(images[batch], replay), labels[batch])
-        torch.autograd.backward(grad, grad_tensors=nu * cotangent, inputs=[images])
+        torch.autograd.backward(grad, grad_tensors=nu * cotangent, inputs=learnable)
         params = params - alpha * (nu * grad.detach())
     syn_lr.grad = (-2 * residual @ grad_sum / denominator).to(syn_lr.dtype)
     return loss, inner

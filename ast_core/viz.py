@@ -78,6 +78,23 @@ def plot_scatter_2d(points: Tensor, labels: Tensor, path: str | os.PathLike, hig
     _save_figure(fig, path)
 
 
+def plot_soft_labels(probabilities: Tensor, labels: Tensor, path: str | os.PathLike, title: str = "") -> None:
+    """Heat map of soft labels: one row per synthetic image (grouped by its class), one column per class, the
+    colour its probability; a set whose labels stayed one-hot shows a bright diagonal of blocks."""
+    order = torch.argsort(labels.cpu(), stable=True)
+    table = probabilities.detach().float().cpu()[order].numpy()
+    fig, ax = plt.subplots(figsize=(5, max(3.0, min(10.0, 0.12 * len(table) + 1.5))), dpi=120)
+    image = ax.imshow(table, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xlabel("class")
+    ax.set_ylabel("synthetic image (sorted by its class)")
+    ax.set_xticks(range(table.shape[1]))
+    fig.colorbar(image, ax=ax, label="probability")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
 def _save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
     try:
         atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))

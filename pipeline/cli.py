@@ -110,6 +110,19 @@ def cmd_study(args: argparse.Namespace, params: Params) -> None:
         print(page)
 
 
+def cmd_score(args: argparse.Namespace, params: Params) -> None:
+    from pathlib import Path
+
+    from pipeline.scoring import run as score
+
+    path = Path(args.path)
+    details = score(params, path, args.name or path.resolve().name, args.lr)
+    for arch, rows in details["results"].items():
+        for label, result in rows.items():
+            print(f"{arch:10s} {label:16s} {result['mean']:6.2f} ± {result['std']:.2f}  "
+                  f"({len(result['seeds'])} networks, {details['protocol']})")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Params], Any], str]] = {
     "params": (cmd_params, "validate params.yaml and print the resolved settings"),
     "prepare": (cmd_prepare, "stage: decode the dataset into cached tensors, fit ZCA"),
@@ -121,6 +134,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Params], Any], str]] = {
     "baselines": (cmd_baselines, "stage: coreset baselines and full-data training"),
     "report": (cmd_report, "stage: results tables and figures (also from MLflow)"),
     "run": (cmd_run, "the main job: `dvc repro` of the pipeline inside one MLflow parent run"),
+    "score": (cmd_score, "test accuracy of any set (MTT images_best.pt/labels_best.pt/lr_best.pt folder or "
+                         "ImageFolder) beside random and k-means real subsets of its size, same test networks"),
     "study": (cmd_study, "`run NAME`: a study of profiles/studies/ (paper tables, sweeps) as DVC experiments, "
                          "resumable, then its page; `report [NAME ...]`: the pages docs/studies/<name>.md"),
 }
@@ -164,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--jobs", type=int, default=1,
                              help="stages run at once, each with its share of the CPU cores (default 1: `dvc repro` "
                                   "with progress bars; `make run` uses every core)")
+        if name == "score":
+            cmd.add_argument("path", help="a folder with images_best.pt and labels_best.pt (lr_best.pt optional), "
+                                          "or an ImageFolder (<class folder>/<image>.png)")
+            cmd.add_argument("--name", help="name of the result (artifacts/scores/NAME; default: the folder's name)")
+            cmd.add_argument("--lr", type=float, help="training lr when the set has no lr_best.pt (default: the "
+                                                      "experts' lr)")
         if name == "study":
             cmd.add_argument("action", choices=("run", "report"), help="run a study's experiments, or only write pages")
             cmd.add_argument("names", nargs="*", help="studies: file names in profiles/studies/ without .yaml "

@@ -89,15 +89,22 @@ class ModelParams:
 
 # Keys a buffer variant may not set: they come from `model` and `buffer` so that variants stay comparable.
 VARIANT_FIXED = ("arch", "width", "depth", "epochs", "batch_size", "zca")
+# A variant with `source` imports MTT-family replay_buffer_*.pt files (a path or glob, relative to the project)
+# instead of training; its other keys describe how those experts were trained, where known.
+SOURCE_KEY = "source"
 
 
 def expert_variant(name: str, spec: dict[str, Any]) -> ExpertConfig:
-    """Validate one `buffer.variants.<name>` entry as the AST/MTT expert settings it stands for."""
+    """Validate one `buffer.variants.<name>` entry as the AST/MTT expert settings it stands for (its `source`,
+    for imported experts, is `BufferParams.source`)."""
     key = f"buffer.variants.{name}"
     fixed = sorted(set(spec) & set(VARIANT_FIXED))
     if fixed:
         raise ParamsError(f"{key}.{fixed[0]}: set it under model/buffer, not per variant")
-    return from_mapping(ExpertConfig, spec, key)
+    source = spec.get(SOURCE_KEY)
+    if source is not None and (not isinstance(source, str) or not source.strip()):
+        raise ParamsError(f"{key}.{SOURCE_KEY}: {source!r} must be a path or glob of MTT replay_buffer_*.pt files")
+    return from_mapping(ExpertConfig, {k: v for k, v in spec.items() if k != SOURCE_KEY}, key)
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,10 @@ class BufferParams:
             if variant.lr_decay_epoch is not None and variant.lr_decay_epoch >= self.epochs:
                 raise ParamsError(f"buffer.variants.{name}.lr_decay_epoch: {variant.lr_decay_epoch} must be < "
                                   f"buffer.epochs ({self.epochs})")
+
+    def source(self, name: str) -> str | None:
+        """The MTT buffer files `buffer.variants.<name>` imports (path or glob), None for a trained variant."""
+        return self.variants[name].get(SOURCE_KEY)
 
     def variant(self, name: str) -> ExpertConfig:
         """The expert settings of `buffer.variants.<name>` (KeyError names the undefined variant)."""

@@ -45,6 +45,14 @@ class Prepared:
             x = self.zca.inverse(x.to(self.zca.device)).cpu()
         return self.data.denormalize(x).clamp(0, 1)
 
+    def from_pixels(self, x: Tensor) -> Tensor:
+        """[0, 1] pixels into the space distillation works in: mean/std normalisation (when used), then ZCA (when
+        used); the inverse of `to_pixels` on unclamped values."""
+        mean = torch.tensor(self.data.info.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.tensor(self.data.info.std, dtype=x.dtype).view(-1, 1, 1)
+        x = (x.detach().cpu() - mean) / std
+        return self.zca.transform(x.to(self.zca.device)).cpu() if self.zca is not None else x
+
 
 def zca_on_raw_pixels(params: Params) -> bool:
     """True when ZCA is fitted on and applied to [0, 1] pixels (data.zca_fit: raw, the MTT/AST code form)."""

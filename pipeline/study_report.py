@@ -70,6 +70,8 @@ def collect_cells(experiment: Experiment, fs: Any, ipcs: Sequence[int], scored: 
                 continue
             details = json.loads(evaluated)
             cell["test"] = details["results"]["convnet"]["accuracies"]
+            if "hard_label_results" in details:  # soft-label sets: the same images with their hard labels
+                cell["test_hard_labels"] = details["hard_label_results"]["convnet"]["accuracies"]
             cell["protocol"], cell["machine"] = details["protocol"], details["machine"]
         cells.append(cell)
     return cells
@@ -116,9 +118,10 @@ def versus(a: Sequence[float], b: Sequence[float] | float) -> str:
     return f"{diff.mean:+.2f} ± {diff.std:.2f} (p {diff.p_value:.3g}, {diff.verdict})"
 
 
-def by_seed(cells: Sequence[Mapping[str, Any]]) -> dict[int, float]:
-    """Seed -> that seed's mean test accuracy over the test networks."""
-    return {cell["seed"]: statistics.fmean(cell["test"]) for cell in cells}
+def by_seed(cells: Sequence[Mapping[str, Any]], key: str = "test") -> dict[int, float]:
+    """Seed -> that seed's mean test accuracy over the test networks (`key`: "test", or "test_hard_labels" for
+    a soft-label set scored with its hard labels)."""
+    return {cell["seed"]: statistics.fmean(cell[key]) for cell in cells}
 
 
 def paired(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[list[float], list[float]]:
@@ -128,7 +131,8 @@ def paired(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[list[float],
 
 def scored_table(record: Mapping[str, Any]) -> pd.DataFrame:
     """One line per (row, ipc): accuracy over seeds, each seed's, the kept iterations, and paired gains over
-    the first row, the row before it, and the k-means and random real subsets."""
+    the first row, the row before it, and the k-means and random real subsets; soft-label rows add the same
+    images' hard-label accuracy and its paired gain over the first row."""
     lines = []
     for ipc in record["ipcs"]:
         subsets = {b["method"]: b["mean"] for b in record["baselines"] if b["ipc"] == ipc}
@@ -147,6 +151,10 @@ def scored_table(record: Mapping[str, Any]) -> pd.DataFrame:
                     "vs_previous": versus(*paired(means, previous)) if previous and previous is not first else ""}
             for subset in ("kmeans", "random"):
                 line[f"vs_{subset}"] = versus(list(means.values()), subsets[subset]) if subset in subsets else ""
+            if all("test_hard_labels" in c for c in cells):
+                hard = by_seed(cells, "test_hard_labels")
+                line["hard_labels_test_acc"] = pm(list(hard.values()))
+                line["hard_labels_vs_first"] = versus(*paired(hard, first)) if first else ""
             lines.append(line)
             first, previous = first or means, means
         for subset in record["baselines"]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import write_tiny_params
 
 # One thread: the in-process models are tiny, and more threads only add contention on a 2-core machine.
 torch.set_num_threads(1)
@@ -52,3 +55,14 @@ def digits_expert(digits):
             optimizer.step()
         checkpoints.append(flat_model.flatten())
     return flat_model, LinearTrajectory(checkpoints)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with the tiny profile and a private MLflow store and data cache."""
+    write_tiny_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AST_DD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("AST_DD_PARENT_RUN_ID", raising=False)
+    return tmp_path

@@ -71,7 +71,9 @@ def test_an_unknown_study_is_named_with_the_studies_there_are(caplog: pytest.Log
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     assert main(["study", "run", "tables"]) == 2
-    assert "study 'tables' is unknown; allowed: buffers, mct, modules, sweep-lr-img, sweep-start-epoch" in caplog.text
+    studies = ", ".join(sorted(path.stem for path in (ROOT / "profiles/studies").glob("*.yaml")))
+    assert f"study 'tables' is unknown; allowed: {studies} (the files in profiles/studies/)" in caplog.text
+    assert "modules, sweep-lr-img" in studies
 
 
 def test_output_into_a_closed_pipe_ends_without_a_traceback() -> None:

@@ -49,6 +49,12 @@ def test_intermediate_steps_are_floor_k_n_over_m() -> None:
     assert intermediate_steps(30, 1) == []
 
 
+def test_intermediate_steps_code_spacing_is_n_div_m_times_k() -> None:
+    assert intermediate_steps(10, 4, "code") == [2, 4, 6]       # paper: floor(10 k / 4) = [2, 5, 7]
+    assert intermediate_steps(10, 4) == [2, 5, 7]
+    assert intermediate_steps(20, 4, "code") == intermediate_steps(20, 4) == [5, 10, 15]   # M divides N
+
+
 def test_perturb_filters_scales_each_filter_by_rho_times_its_norm() -> None:
     weight = torch.arange(24, dtype=torch.float32).reshape(4, 2, 3) - 5
     bias = torch.ones(4)
@@ -81,27 +87,31 @@ def test_perturbation_forms_by_hand_norms() -> None:
     assert relative_code.item() == pytest.approx(1 / math.sqrt(conv.numel()), rel=1e-5)
 
 
-def test_intermediate_denominator_from_perturbed_or_unperturbed_start(digits, digits_expert) -> None:
-    """With one intermediate point the total is final + L_1; the perturbed denominator changes only L_1."""
+def test_matching_denominator_from_perturbed_or_unperturbed_start(digits, digits_expert) -> None:
+    """With one intermediate point the total is final + L_1; the perturbed denominator (the authors' code) rescales
+    both terms by the ratio of the squared distances of the two starts to each term's target."""
     config = small_config(intermediate_matching=True, perturb_rho=0.1, dsa_strategy="none")
     losses = {}
     for form in ("unperturbed", "perturbed"):
-        engine = make_distiller(digits, digits_expert, replace(config, intermediate_denominator=form)).engine
+        engine = make_distiller(digits, digits_expert, replace(config, matching_denominator=form)).engine
         trajectory = engine.trajectories[0]
         start = trajectory.at(1.0)
         perturbed = start + 0.05 * torch.randn(start.shape, generator=torch.Generator().manual_seed(1))
         targets = {1: trajectory.at(2.0), 2: trajectory.at(3.0)}
         torch.manual_seed(0)
         engine.generator.manual_seed(5)
-        total, stats = engine.unroll_loss(perturbed, targets, start, 1.0)
+        total, stats = engine.unroll_loss(perturbed, targets, start, 1.0, engine.labels)
         losses[form] = (total.item(), stats["matching_loss"])
+
+    def ratio(k: int) -> float:  # same numerator; denominators ||start - θ*_{t+k}||² and ||perturbed - θ*_{t+k}||²
+        return ((start - targets[k]).pow(2).sum() / (perturbed - targets[k]).pow(2).sum()).item()
+
     final_u, final_p = losses["unperturbed"][1], losses["perturbed"][1]
-    assert final_u == pytest.approx(final_p)          # Eq. 5 always uses the unperturbed start
+    assert final_p == pytest.approx(final_u * ratio(2), rel=1e-4)
+    assert ratio(2) != pytest.approx(1.0, rel=1e-3)
     inter_u = losses["unperturbed"][0] - final_u
     inter_p = losses["perturbed"][0] - final_p
-    # Same numerator ||θ̂_10 - θ*_{t+1}||²; denominators ||start - θ*_{t+1}||² and ||perturbed - θ*_{t+1}||².
-    ratio = (start - targets[1]).pow(2).sum() / (perturbed - targets[1]).pow(2).sum()
-    assert inter_p == pytest.approx(inter_u * ratio.item(), rel=1e-4)
+    assert inter_p == pytest.approx(inter_u * ratio(1), rel=1e-4)
 
 
 def test_exploding_images_stop_with_a_clear_error(digits, digits_expert) -> None:
@@ -221,13 +231,14 @@ def test_a_short_run_reproduces_the_stored_reference(digits, digits_expert, tmp_
 
 
 def test_the_checkpoint_file_keeps_its_format(digits, digits_expert, tmp_path) -> None:
-    """Same keys as before the split, the best set a plain dict: older files resume, newer ones read back."""
+    """The documented keys (ast_core/checkpoint.py), the best set a plain dict; soft labels and the moving average
+    add their own keys only when on."""
     make_distiller(digits, digits_expert, small_config(iterations=1), evaluator=lambda images, labels, lr: 1.0,
                    eval_every=1, checkpoint_dir=tmp_path).run()
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert set(state) == {"config", "iteration", "images", "syn_lr", "opt_img", "opt_lr", "generator", "history",
-                          "best", "validation", "nonfinite_streak", "initial_rms"}
-    assert set(state["best"]) == {"iteration", "val_acc", "images", "syn_lr"}
+                          "best", "validation", "nonfinite_streak", "initial_rms", "iterations_done"}
+    assert set(state["best"]) == {"iteration", "val_acc", "images", "syn_lr", "label_logits"}
 
 
 class NaNAt:
@@ -296,7 +307,7 @@ def test_the_initial_set_is_a_selection_candidate(digits, digits_expert) -> None
 @pytest.mark.parametrize(("key", "value"), [("ipc", 0), ("lr_img", -1.0), ("sampling", "random"),
                                             ("intermediate_weights", "odd"), ("batch_syn", 0),
                                             ("img_momentum", 1.5), ("max_start_epoch", 2.5),
-                                            ("perturb_form", "layer"), ("intermediate_denominator", "mean"),
+                                            ("perturb_form", "layer"), ("matching_denominator", "mean"),
                                             ("balance_middle", "round"), ("perturb_rho", float("nan")),
                                             ("perturb_rho", -0.1), ("vartheta", float("nan")), ("vartheta", 1.0),
                                             ("student_momentum", 1.0), ("student_momentum", float("nan")),

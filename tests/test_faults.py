@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import tiny_params_text, write_tiny_params
+from tiny import tiny_params_text
 
 from pipeline.cells import cell_settings_key
 from pipeline.cli import main
@@ -23,17 +23,6 @@ from pipeline.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory with the tiny profile and a private MLflow store and data cache."""
-    write_tiny_params(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("AST_DD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("AST_DD_PARENT_RUN_ID", raising=False)
-    return tmp_path
 
 
 def test_unreachable_mlflow_server_fails_before_compute(tiny: Path, monkeypatch, caplog) -> None:

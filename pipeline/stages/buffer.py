@@ -4,6 +4,11 @@ Experts are trained in the project's ``artifacts/checkpoints/buffer/<variant>/<s
 output folder when all are done: finished experts survive a killed run (also one in an experiment's temporary
 copy), while the output itself is an ordinary DVC output that DVC's run-cache restores in every experiment
 with the same settings instead of training it again.
+
+A variant with `source` (`buffer.variants.<v>.source`: a path or glob of MTT-family ``replay_buffer_*.pt``
+files) is imported instead of trained (`ast_core.expert_import.import_mtt_experts`): the same expert files,
+reports and metrics, the checkpoints checked against `model` and the dataset. DVC reruns it when the variant's
+settings change, not when the files behind an unchanged path do: give new files a new path (or variant).
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from ast_core.expert_import import import_mtt_experts
 from ast_core.expert_reports import summarize_buffer
 from ast_core.experts import GRAD_NORM_KEYS, ExpertScheduler, LocalScheduler, train_experts
 from ast_core.io import atomic_write_json
@@ -92,9 +99,41 @@ def move_experts(work: Path, folder: Path) -> None:
     shutil.rmtree(work)
 
 
+def source_files(params: Params, variant: str) -> list[Path]:
+    """The MTT buffer files an imported variant names, in natural order (replay_buffer_2 before _10)."""
+    pattern = params.buffer.source(variant)
+    files = sorted(Path().glob(pattern) if not Path(pattern).is_absolute() else Path("/").glob(pattern[1:]),
+                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+    if not files:
+        raise FileNotFoundError(f"buffer.variants.{variant}.source: {pattern!r} matches no file")
+    return files
+
+
+def import_variant(params: Params, variant: str, folder: Path, tracker: tracking.StageRun) -> None:
+    """Fill the output folder from the variant's MTT buffer files (`source`), with the trained buffers' reports."""
+    files = source_files(params, variant)
+    prepared = load_prepared(params)
+    import_mtt_experts(files, prepared.data, expert_config(params, variant), folder, params.buffer.num_experts,
+                       storage_dtype(params.buffer.storage_dtype), resolve_device(params.device))
+    summary = summarize_buffer(folder, params.buffer.num_experts)
+    test_acc = summary["test_acc"]["mean"]
+    if test_acc is not None and test_acc < 2 * 100 / prepared.data.info.num_classes:
+        log.warning("the imported experts of %s score %.1f %% on the test split, near chance: check that data "
+                    "(dataset, zca, normalisation) is what they were trained on", variant, test_acc)
+    log_buffer_metrics(tracker, folder, summary, {"plain": sum(p.stat().st_size for p in list_buffer(folder))})
+    tracker.log_artifacts(sorted(folder.glob("*.png")) + [folder / "summary.json"])
+
+
 def run(params: Params, variant: str) -> None:
     if variant not in params.buffer.train:
         raise ParamsError(f"--variant: {variant!r} is not in buffer.train ({', '.join(params.buffer.train)})")
+    if params.buffer.source(variant) is not None:
+        claim_outputs([buffer_dir(variant)])
+        with tracking.stage_run("buffer", params.tracking.experiment, f"buffer-{variant}",
+                                {"variant": params.buffer.variants[variant], "data": params.data.dataset},
+                                {"variant": variant}) as tracker:
+            import_variant(params, variant, buffer_dir(variant), tracker)
+        return
     config = expert_config(params, variant)
     folder = buffer_dir(variant)
     work = expert_work_dir(variant, settings_key({"data": data_signature(params), "config": config.to_dict(),

@@ -7,8 +7,11 @@ networks have seeds `Params.validation_seeds`, disjoint from the test networks' 
 
 Outputs (``artifacts/distill/<method>/ipc<k>/seed<s>/``): ``synthetic.safetensors`` (best-by-validation and final
 images in distillation space, labels, alpha), ``grid.png`` (best set, pixels after inverse ZCA),
-``final_grid.png`` (the set after the last iteration),
-``history.csv`` (per iteration), ``validation.csv`` (validation accuracy after k updates, k = 0 is the
+``final_grid.png`` (the set after the last iteration), ``soft_labels.png`` (with soft labels: the kept set's
+label probabilities per image and class),
+``mtt/`` (the kept set as MTT's ``images_best.pt``, ``labels_best.pt``, ``lr_best.pt``, plus
+``pixels_best.pt``: `ast_core.field_files.export_mtt_set`), ``images/<class>/<index>.png`` (the kept set as an
+ImageFolder), ``history.csv`` (per iteration), ``validation.csv`` (validation accuracy after k updates, k = 0 is the
 initial set; AST Fig. 6), ``result.json``. The resumable checkpoint lives in the project's
 ``artifacts/checkpoints/`` (not a DVC output; `pipeline.layout.checkpoints_dir`, named by the cell's settings),
 so a killed run, or a killed experiment in a temporary copy, continues where it stopped; a finished cell
@@ -28,12 +31,14 @@ from ast_core.checkpoint import DistillCheckpoint
 from ast_core.data import DatasetSplits
 from ast_core.distill import Distiller, DistillResult, Evaluator
 from ast_core.evaluate import evaluate_synthetic
+from ast_core.field_files import export_image_folder, export_mtt_set
 from ast_core.init import SyntheticInit, initial_synthetic_set
 from ast_core.io import atomic_write_csv, atomic_write_json, atomic_write_safetensors
 from ast_core.models import FlatModel
 from ast_core.settings import DistillConfig
+from ast_core.soft_labels import expert_label_logits
 from ast_core.trajectory import convex_tag, load_buffer
-from ast_core.viz import save_image_grid
+from ast_core.viz import plot_soft_labels, save_image_grid
 from pipeline import tracking
 from pipeline.cells import cell_params, cell_settings_key, cell_tags
 from pipeline.checks import check_experts
@@ -51,8 +56,8 @@ from pipeline.params import Params
 from pipeline.prepared import load_prepared, resolve_device
 
 log = logging.getLogger(__name__)
-SERIES = ("loss", "matching_loss", "inner_loss", "inner_loss_balanced", "syn_lr", "start_epoch", "image_rms",
-          "seconds")
+SERIES = ("loss", "matching_loss", "inner_loss", "inner_loss_balanced", "syn_lr", "start_epoch", "start_bound",
+          "threshold_skipped", "image_rms", "seconds")
 WALL_CLOCK = ("seconds",)  # history fields a rerun cannot reproduce: MLflow only, never a DVC output
 
 
@@ -93,7 +98,20 @@ def run(params: Params, method: str, ipc: int, seed: int) -> None:
         tensors = {"images": best_images.cpu().contiguous(), "final_images": result.images.cpu().contiguous(),
                    "labels": result.labels.cpu().contiguous(), "syn_lr": torch.tensor([best_lr]),
                    "final_syn_lr": torch.tensor([result.syn_lr])}
+        figures = ["grid.png", "final_grid.png"]
+        best_logits = None
+        if result.label_logits is not None:
+            best_logits = result.best.label_logits if result.best else result.label_logits
+            tensors |= {"label_logits": best_logits.cpu().contiguous(),
+                        "final_label_logits": result.label_logits.cpu().contiguous()}
+            plot_soft_labels(torch.softmax(best_logits, dim=1), result.labels, out / "soft_labels.png",
+                             f"{method} ipc {ipc} seed {seed}: learned soft labels")
+            figures.append("soft_labels.png")
         atomic_write_safetensors(out / "synthetic.safetensors", tensors)
+        pixels = prepared.to_pixels(best_images)
+        export_mtt_set(out / "mtt", best_images, best_logits if best_logits is not None else result.labels, best_lr,
+                       pixels)
+        export_image_folder(out / "images", pixels, result.labels.cpu(), data.info.class_names)
         for name, images in (("grid.png", best_images), ("final_grid.png", result.images)):
             save_image_grid(prepared.to_pixels(images), result.labels.cpu(), out / name, data.info.num_classes)
         atomic_write_csv(out / "history.csv", untimed(result.history))
@@ -106,6 +124,8 @@ def run(params: Params, method: str, ipc: int, seed: int) -> None:
                    "initial_val_acc": next((r["val_acc"] for r in result.validation if r["iteration"] == 0), None),
                    "syn_lr": best_lr, "final_syn_lr": result.syn_lr,
                    "iterations": config.iterations, "skipped_iterations": int(sum(r["skipped"] for r in history)),
+                   "threshold_skipped_iterations": int(sum(r["threshold_skipped"] for r in history)),
+                   "soft_labels": config.soft_labels,
                    "init": chosen.init, "buffer": chosen.buffer, "mct_anchors": chosen.mct_anchors,
                    "validation_seeds": params.validation_seeds}
         atomic_write_json(out / "result.json", summary)
@@ -115,8 +135,7 @@ def run(params: Params, method: str, ipc: int, seed: int) -> None:
         tracker.log_series(result.validation, ["val_acc"], "iteration")
         tracker.log_metrics({**{k: v for k, v in summary.items() if isinstance(v, int | float) and k != "ipc"},
                              **timing})
-        tracker.log_artifacts([out / name for name in ("grid.png", "final_grid.png", "history.csv", "validation.csv",
-                                                       "result.json")])
+        tracker.log_artifacts([out / name for name in (*figures, "history.csv", "validation.csv", "result.json")])
         # DVC reruns a finished cell only when a dependency changed: resuming would hand back the old result
         DistillCheckpoint(checkpoints).remove()
         if distilled:
@@ -134,7 +153,7 @@ def untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
 
 def validation_evaluator(params: Params, data: DatasetSplits, device: torch.device) -> Evaluator:
     """Validation accuracy of a synthetic set (model selection; never the test split): networks of seeds
-    `Params.validation_seeds`."""
+    `Params.validation_seeds`, trained on its hard labels or its soft labels' probabilities."""
     spec = eval_spec(params, "val")
 
     def validation_accuracy(images: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
@@ -150,9 +169,12 @@ def distill_set(params: Params, config: DistillConfig, trajectories: list, init:
     flat_model = FlatModel(student(params, data.info).to(device))
     check_buffer_matches(trajectories, flat_model, source)
     discard_mismatched_checkpoint(config, checkpoints)
+    logits = (expert_label_logits(flat_model, trajectories, init.images.to(device), init.labels)
+              if config.soft_labels else None)
     distiller = Distiller(config, trajectories, flat_model, init.images, init.labels, device=device,
                           checkpoint_dir=checkpoints, checkpoint_every=params.distill.checkpoint_every,
-                          evaluator=validation_evaluator(params, data, device), eval_every=params.distill.eval_every)
+                          evaluator=validation_evaluator(params, data, device), eval_every=params.distill.eval_every,
+                          label_logits=logits)
     return distiller.run(progress=progress)
 
 

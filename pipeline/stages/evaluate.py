@@ -8,6 +8,11 @@ network). Every architecture in `evaluate.archs` is trained on the same set
 (cross-architecture transfer, AST Table IV). ``metrics.json`` holds only the numbers to compare, under keys
 unique across the pipeline (``<method>_ipc<k>_s<seed>.<arch>.mean``), so `dvc exp show` and `dvc metrics diff` list
 them as plain columns; ``results.json`` holds the details (each network's accuracy, the protocol) for the report.
+
+A set with learned soft labels (DATM) is scored twice on the same networks: with its soft labels (soft
+cross-entropy, the method's own evaluation: ``results``) and with the hard class labels of the same images
+(``hard_label_results``, metric ``<arch>_hard_labels``), because soft labels carry information that a
+hard-label baseline does not get (DD-Ranking's fairness point).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 
+import torch
 from safetensors.torch import load_file
 
 from ast_core.evaluate import evaluate_synthetic
@@ -56,18 +62,28 @@ def run(params: Params, method: str, ipc: int, seed: int) -> None:
         data = load_prepared(params).data
         synthetic = load_file(str(source))
         lr = float(synthetic["syn_lr"][0])
-        results, scalars = {}, {}
+        label_sets = {"": synthetic["labels"]}
+        if "label_logits" in synthetic:  # soft first (the method's own score), then the hard labels
+            label_sets = {"": torch.softmax(synthetic["label_logits"], dim=1), "_hard_labels": synthetic["labels"]}
+        results: dict[str, dict[str, dict]] = {suffix: {} for suffix in label_sets}
+        scalars = {}
         for arch in params.evaluate.archs:
-            result = evaluate_synthetic(synthetic["images"], synthetic["labels"], lr, data,
-                                        eval_spec(params, "test", arch), seed=params.test_seeds[0],
-                                        device=str(device), progress=f"evaluate {method} ipc{ipc} s{seed} on {arch}")
-            results[arch], scalars[arch] = result.as_dict(), scores(result)
-            tracker.log_metrics({f"test_acc_{arch}_mean": result.mean, f"test_acc_{arch}_std": result.std})
-            log.info("%s ipc %d seed %d on %s: %.2f ± %.2f", method, ipc, seed, arch, result.mean, result.std)
-        tracker.log_metrics(comparison_metrics(params, method, ipc, seed, results))
+            for suffix, labels in label_sets.items():
+                result = evaluate_synthetic(synthetic["images"], labels, lr, data, eval_spec(params, "test", arch),
+                                            seed=params.test_seeds[0], device=str(device),
+                                            progress=f"evaluate {method} ipc{ipc} s{seed} on {arch}{suffix}")
+                results[suffix][arch], scalars[arch + suffix] = result.as_dict(), scores(result)
+                tracker.log_metrics({f"test_acc_{arch}{suffix}_mean": result.mean,
+                                     f"test_acc_{arch}{suffix}_std": result.std})
+                log.info("%s ipc %d seed %d on %s%s: %.2f ± %.2f", method, ipc, seed, arch, suffix, result.mean,
+                         result.std)
+        tracker.log_metrics(comparison_metrics(params, method, ipc, seed, results[""]))
         details = {"method": method, "ipc": ipc, "seed": seed, "syn_lr": lr, "protocol": protocol_note(params),
                    "test_seeds": params.test_seeds, "validation_seeds": params.validation_seeds,
-                   "machine": describe_machine(str(device)), "results": results}
+                   "machine": describe_machine(str(device)), "soft_labels": len(label_sets) > 1,
+                   "results": results[""]}
+        if "_hard_labels" in results:
+            details["hard_label_results"] = results["_hard_labels"]
         atomic_write_json(out / "results.json", details)
         atomic_write_json(out / "metrics.json", {metric_key(method, ipc, seed): {**scalars, "syn_lr": lr}})
         tracker.log_artifacts([out / "results.json", out / "metrics.json"])
