@@ -34,7 +34,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from ast_core.io import atomic_write_with
+from ast_core.io import atomic_write_with, disk_full_error
 from ast_core.models import FlatModel
 
 MTT_SET_FILES = ("images_best.pt", "labels_best.pt", "lr_best.pt")
@@ -142,6 +142,10 @@ def export_image_folder(folder: str | os.PathLike, pixels: Tensor, labels: Tenso
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
+    except Exception as error:
+        if (full := disk_full_error(target, error)) is not None:
+            raise full from error
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

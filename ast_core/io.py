@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,22 +30,58 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+class DiskFullError(RuntimeError):
+    """A write failed for want of space; the previous file at that path is untouched."""
+
+
+def disk_full_error(target: Path, error: BaseException) -> DiskFullError | None:
+    """The error to raise instead of `error` when the disk holding `target` is full, else None. Libraries report
+    a full disk their own way (torch: "file write failed"), so a failed write on a disk with no space left counts."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    folder = nearest_folder(target)
+    free = shutil.disk_usage(folder).free
+    if not (full or free == 0):
+        return None
+    return DiskFullError(f"{target}: no space left to write it ({free} bytes free on the disk of {folder}); the "
+                         "previous file there is untouched. Free some space and run the same command again: it "
+                         "resumes where it stopped")
+
+
+def nearest_folder(path: Path) -> Path:
+    """`path`'s folder, or its closest existing ancestor."""
+    folder = path.parent.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`. A failed write
+    leaves the previous file as it was and no temporary file; on a full disk it is a `DiskFullError` naming the
+    path and the free space."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, target)
+    except Exception as error:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+            tmp = None
+        if (full := disk_full_error(target, error)) is not None:
+            raise full from error
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:

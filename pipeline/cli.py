@@ -7,6 +7,7 @@ usage or params error, naming the key that is wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -14,12 +15,15 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from pipeline.locking import project_lock, release_output_locks
 from pipeline.params import Params, load_params
 from pipeline.preflight import preflight
 from pipeline.schema import ParamsError, UsageError
 
 log = logging.getLogger("ast-dd")
 USAGE_ERROR = 2
+# commands that write the project's artifacts themselves (not through DVC) run one at a time (pipeline.locking)
+LOCKED_COMMANDS = ("prepare", "buffer", "convexify", "init", "distill", "evaluate", "baselines", "report", "score")
 
 
 def _stage(name: str) -> Callable[..., None]:
@@ -209,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.profile or ())
         if args.command != "params":
             preflight(params.tracking.experiment)
-        args.handler(args, params)
+        with project_lock() if args.command in LOCKED_COMMANDS else contextlib.nullcontext():
+            try:
+                args.handler(args, params)
+            finally:
+                release_output_locks()
         sys.stdout.flush()
     except BrokenPipeError:  # a reader that stopped reading (`| head`) got what it wanted: no traceback, status 0
         silence_stdout()

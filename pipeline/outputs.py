@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ast_core.io import atomic_write_text
+from pipeline.locking import lock_outputs
 from pipeline.schema import UsageError
 
 
@@ -47,8 +48,10 @@ def ignore_in_git(output: Path) -> None:
 
 
 def claim_outputs(cached: Sequence[Path], written: Sequence[Path] = ()) -> None:
-    """Before a stage computes: its output folders can be written, and its DVC-cached outputs (`outs` of
-    dvc.yaml without ``cache: false``) are git-ignored."""
+    """Before a stage computes: no other process is writing its DVC-cached outputs (`outs` of dvc.yaml without
+    ``cache: false``; `pipeline.locking.lock_outputs`), its output folders can be written, and the cached ones are
+    git-ignored."""
+    lock_outputs(list(cached))
     for folder in (*cached, *written):
         check_writable(folder)
     for output in cached:

@@ -12,24 +12,36 @@ and exports ``AST_DD_PARENT_RUN_ID``; stage runs nest under it. The stages of a 
 name). A parent run under which nothing ran is deleted. Each run records the pid and host of the process that
 owns it; every start closes the RUNNING runs of this host whose process is gone as KILLED. A run ends FAILED
 when its stage raises.
+
+A store that fails during a stage (a tracking server that went away) never stops the stage: the DVC outputs
+are the source of truth. From the first failed call on, what the stage would have recorded (params, metrics,
+artifact files, the run's end) is kept in ``artifacts/tracking_pending/<run id>/`` of the project (`Journal`)
+and a warning names it; the next `ast-dd` command that reaches the same store records it there and deletes the
+journal (`replay_pending`). MLflow's HTTP calls time out after ``MLFLOW_HTTP_REQUEST_TIMEOUT`` seconds with
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` retries (`pipeline.environment`), so no call hangs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
+import requests
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.schema import UsageError, flatten_keys
@@ -40,6 +52,8 @@ PREFECT_ENV = "AST_DD_PREFECT_FLOW_RUN_ID"
 PID_TAG, HOST_TAG, EXP_KEY_TAG = "ast_dd_pid", "ast_dd_host", "ast_dd_exp_key"
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 BATCH = 1000
+PENDING = Path("artifacts") / "tracking_pending"   # under the project root: journals of unrecorded runs
+TRACKING_ERRORS = (MlflowException, OSError, requests.RequestException)
 
 
 def check_experiment_name(name: str) -> None:
@@ -131,11 +145,75 @@ def close_dead_runs(client: MlflowClient) -> None:
 
 
 def begin(experiment: str) -> tuple[MlflowClient, str]:
-    """Configure MLflow, close the runs of dead processes; the client and the experiment id."""
+    """Configure MLflow, close the runs of dead processes, record what earlier stages could not; the client
+    and the experiment id."""
     experiment_id = configure(experiment)
     client = MlflowClient(mlflow.get_tracking_uri())
+    replay_pending(client)
     close_dead_runs(client)
     return client, experiment_id
+
+
+class Journal:
+    """What a stage could not record in its run because the store failed: kept in
+    ``<project>/artifacts/tracking_pending/<run id>/`` (``record.json`` and copies of the artifact files, so they
+    outlive an experiment's temporary copy) until `replay_pending` records it."""
+
+    def __init__(self, run_id: str) -> None:
+        self.folder = project_root() / PENDING / run_id
+        self.record: dict[str, Any] = {"run_id": run_id, "tracking_uri": tracking_uri(), "params": {},
+                                       "metrics": [], "artifacts": [], "status": None}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def save(self) -> None:
+        from ast_core.io import atomic_write_json
+
+        atomic_write_json(self.folder / "record.json", self.record)
+
+    def add(self, kind: str, items: list) -> None:
+        self.record[kind] += items
+        self.save()
+
+    def add_artifact(self, path: Path, artifact_path: str | None) -> None:
+        target = self.folder / "files" / str(len(self.record["artifacts"])) / path.name
+        target.parent.mkdir(parents=True)
+        shutil.copy2(path, target)
+        self.add("artifacts", [[str(target.relative_to(self.folder)), artifact_path]])
+
+    def log_folder(self, folder: Path, artifact_path: str) -> None:
+        """Every file under `folder`, at the same relative place under `artifact_path`."""
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            self.log_artifacts([path], "/".join((artifact_path, *path.relative_to(folder).parts[:-1])))
+
+    def end(self, status: str) -> None:
+        self.record["status"] = status
+        self.save()
+
+
+def replay_pending(client: MlflowClient) -> None:
+    """Record the journals of runs of this store (`Journal`) and delete them; one that fails again is kept."""
+    root = project_root() / PENDING
+    for record_file in sorted(root.glob("*/record.json")) if root.is_dir() else []:
+        record = json.loads(record_file.read_text())
+        if record["tracking_uri"] != tracking_uri():
+            continue
+        run_id, folder = record["run_id"], record_file.parent
+        try:
+            params = [Param(key, str(value)) for key, value in record["params"].items()]
+            metrics = [Metric(*row) for row in record["metrics"]]
+            for start in range(0, max(len(params), len(metrics)), 100):
+                client.log_batch(run_id, metrics=metrics[start:start + 100], params=params[start:start + 100])
+            for relative, artifact_path in record["artifacts"]:
+                client.log_artifact(run_id, str(folder / relative), artifact_path)
+            if record["status"]:
+                client.set_terminated(run_id, record["status"])
+        except TRACKING_ERRORS as error:
+            log.warning("MLflow: the run %s journal %s is still unrecorded (%s)", run_id, folder, error)
+            continue
+        shutil.rmtree(folder)
+        log.info("MLflow: recorded %d params, %d metrics and %d files that run %s had missed", len(params),
+                 len(metrics), len(record["artifacts"]), run_id)
 
 
 def experiment_key(name: str, outer: str | None) -> str:
@@ -165,7 +243,7 @@ def experiment_run(client: MlflowClient, experiment_id: str, name: str, outer: s
 @contextlib.contextmanager
 def parent_run(client: MlflowClient, experiment_id: str) -> Iterator[str | None]:
     """The run a stage run nests under: its DVC experiment's run (RUNNING while the stage runs, then FINISHED
-    or FAILED like the stage), else the invocation's run, else none."""
+    or FAILED like the stage; journaled if the store fails by then), else the invocation's run, else none."""
     outer = os.environ.get(PARENT_ENV) or None
     name = os.environ.get("DVC_EXP_NAME")
     if not name or (outer is not None and client.get_run(outer).info.run_name == name):
@@ -177,7 +255,11 @@ def parent_run(client: MlflowClient, experiment_id: str) -> Iterator[str | None]
         yield run_id
         status = "FINISHED"
     finally:
-        client.set_terminated(run_id, status)
+        try:
+            client.set_terminated(run_id, status)
+        except TRACKING_ERRORS as error:
+            warn_unrecorded(run_id, "its end", error)
+            Journal(run_id).end(status)
 
 
 @contextlib.contextmanager
@@ -186,37 +268,87 @@ def stage_run(stage: str, experiment: str, run_name: str, params: Mapping[str, A
     """Open an MLflow run for one stage execution, nested under its experiment's or invocation's run."""
     client, experiment_id = begin(experiment)
     all_tags = {**run_tags(stage), **(tags or {})}
-    with parent_run(client, experiment_id) as parent, mlflow.start_run(
-            run_name=run_name, parent_run_id=parent, nested=parent is not None, tags=all_tags) as run:
-        items = [(key, ",".join(map(str, value)) if isinstance(value, list | tuple) else value)
-                 for key, value in flatten_keys(params).items()]  # MLflow params are strings: lists comma-joined
-        for start in range(0, len(items), 100):
-            mlflow.log_params(dict(items[start:start + 100]))
-        yield StageRun(run.info.run_id)
+    with parent_run(client, experiment_id) as parent:
+        if parent is not None:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent
+        run = client.create_run(experiment_id, tags=resolve_tags(all_tags), run_name=run_name)
+        tracker = StageRun(run.info.run_id)
+        status = "FAILED"
+        try:
+            tracker.log_params(params)
+            yield tracker
+            status = "FINISHED"
+        finally:
+            tracker.end(status)
+
+
+def warn_unrecorded(run_id: str, what: str, error: BaseException) -> None:
+    log.warning("MLflow store %s failed (%s: %s): %s of run %s not recorded; the stage goes on (its DVC outputs "
+                "are complete) and the next ast-dd command that reaches the store records it (journal in %s)",
+                tracking_uri(), type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
+                what, run_id, project_root() / PENDING / run_id)
 
 
 class StageRun:
-    """Thin helpers over the active run: batched step metrics and artifacts."""
+    """The stage's run: params, batched step metrics and artifacts. After the store's first failure everything
+    goes to a `Journal` instead (one warning), so a lost tracking server never stops the stage."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri())
+        self.journal: Journal | None = None
+
+    def _record(self, what: str, call: Callable[[], object], keep: Callable[[Journal], None]) -> None:
+        """`call()` against the store; on its first failure (and from then on) `keep` it in the journal."""
+        if self.journal is None:
+            try:
+                call()
+                return
+            except TRACKING_ERRORS as error:
+                warn_unrecorded(self.run_id, what, error)
+                self.journal = Journal(self.run_id)
+        keep(self.journal)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """The settings as params (nested keys dotted; MLflow params are strings: lists comma-joined)."""
+        items = {key: ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+                 for key, value in flatten_keys(params).items()}
+        batch = [Param(key, str(value)) for key, value in items.items()]
+        self._record("its params", lambda: [self.client.log_batch(self.run_id, params=batch[i:i + 100])
+                                            for i in range(0, len(batch), 100)],
+                     lambda journal: journal.record["params"].update(items) or journal.save())
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        mlflow.log_metrics(clean, step=step)
+        stamp = int(time.time() * 1000)
+        self._log([Metric(k, float(v), stamp, step or 0) for k, v in metrics.items() if v is not None])
 
     def log_series(self, rows: Sequence[Mapping[str, Any]], keys: Sequence[str], step_key: str) -> None:
         """Log per-step metrics (e.g. a distillation history) in batches of 1000."""
-        metrics = [Metric(key, float(row[key]), 0, int(row[step_key])) for row in rows for key in keys
-                   if row.get(key) is not None]
-        for start in range(0, len(metrics), BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + BATCH])
+        self._log([Metric(key, float(row[key]), 0, int(row[step_key])) for row in rows for key in keys
+                   if row.get(key) is not None])
+
+    def _log(self, metrics: list[Metric]) -> None:
+        self._record(f"{len(metrics)} metric values",
+                     lambda: [self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
+                              for i in range(0, len(metrics), BATCH)],
+                     lambda journal: journal.add("metrics", [[m.key, m.value, m.timestamp, m.step] for m in metrics]))
 
     def log_artifacts(self, paths: Sequence[Path], artifact_path: str | None = None) -> None:
         for path in paths:
             if path.is_file():
-                mlflow.log_artifact(str(path), artifact_path)
+                self._record(f"artifact {path.name}", lambda p=path: self.client.log_artifact(self.run_id, str(p),
+                                                                                              artifact_path),
+                             lambda journal, p=path: journal.add_artifact(p, artifact_path))
+
+    def log_folder(self, folder: Path, artifact_path: str) -> None:
+        """Every file under `folder`, at the same relative place under `artifact_path`."""
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            self.log_artifacts([path], "/".join((artifact_path, *path.relative_to(folder).parts[:-1])))
+
+    def end(self, status: str) -> None:
+        """End the run as `status` (FINISHED or FAILED), or journal the end."""
+        self._record("its end", lambda: self.client.set_terminated(self.run_id, status),
+                     lambda journal: journal.end(status))
 
 
 @contextlib.contextmanager
