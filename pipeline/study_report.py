@@ -173,7 +173,7 @@ def buffers_table(record: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame([{"variant": variant, "experts": summary["num_experts"], "epochs": summary["num_epochs"],
                           "avg_var": stat(summary, "avg_var"), "expert_test_acc": stat(summary, "test_acc"),
                           "input_grad_norm": stat(summary, "grad_norm_mean")}
-                         for variant, summary in record["buffers"].items()])
+                         for variant, summary in sorted(record["buffers"].items())])  # as the JSON keeps them
 
 
 def convergence(record: Mapping[str, Any], ipc: int, label: str = "row"
