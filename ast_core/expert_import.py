@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from ast_core.data import DatasetSplits
-from ast_core.evaluate import accuracy
-from ast_core.experts import HISTORY_KEYS, PROBE_SIZE, expert_metadata, grad_norm_stats
+from ast_core.experts import HISTORY_KEYS, PROBE_SIZE, epoch_measurements, expert_metadata, grad_norm_stats
 from ast_core.field_files import load_mtt_buffer, mtt_expert_matrix
 from ast_core.models import FlatModel, build_model
 from ast_core.settings import ExpertConfig
@@ -36,9 +35,7 @@ def imported_history(flat_model: FlatModel, matrix: Tensor, data: DatasetSplits,
     history["grad_norm_init"] = grad_norm_stats(model, probe, config.gp_norm)
     for row in matrix[1:]:
         flat_model.load_into_module(row.to(device))
-        stats = {"val_acc": accuracy(model, data.val_x, data.val_y, device) if len(data.val_x) else None,
-                 "test_acc": accuracy(model, data.test_x, data.test_y, device),
-                 **grad_norm_stats(model, probe, config.gp_norm)}
+        stats = epoch_measurements(model, data, probe, config, device)
         for key in HISTORY_KEYS:
             history[key].append(stats.get(key))
     history["step_sq_norm"] = step_sq_norms(matrix)

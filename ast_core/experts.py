@@ -130,6 +130,15 @@ def sharpness_aware_gradients(model: nn.Module, loss_fn: Callable[[], tuple[Tens
             p.grad = q - alpha * (g - along * q)
 
 
+def epoch_measurements(model: nn.Module, data: DatasetSplits, probe: Tensor, config: ExpertConfig,
+                       device: torch.device | str) -> dict[str, Any]:
+    """What an expert's history records after every epoch besides training: validation and test accuracy and
+    the input-gradient norm on `probe` (the same for trained and imported experts)."""
+    return {"val_acc": accuracy(model, data.val_x, data.val_y, device) if len(data.val_x) else None,
+            "test_acc": accuracy(model, data.test_x, data.test_y, device),
+            **grad_norm_stats(model, probe, config.gp_norm)}
+
+
 def grad_norm_stats(model: nn.Module, probe: Tensor, norm: str) -> dict[str, float]:
     """Mean and 10/90 % quantiles of the input-gradient norm on `probe` (per sample or per pixel, as `norm`).
 
@@ -190,9 +199,7 @@ def train_expert(data: DatasetSplits, config: ExpertConfig, seed: int, device: s
         stats = train_epoch(model, optimizer, x, y, config, epoch, shuffle, dsa, dsa_generator)
         checkpoints.append(flat.flatten().cpu())
         stats["lr"] = config.lr_at(epoch)
-        stats["val_acc"] = accuracy(model, data.val_x, data.val_y, device) if len(data.val_x) else None
-        stats["test_acc"] = accuracy(model, data.test_x, data.test_y, device)
-        stats.update(grad_norm_stats(model, probe, config.gp_norm))
+        stats.update(epoch_measurements(model, data, probe, config, device))
         for key in HISTORY_KEYS:
             history[key].append(stats[key])
         epochs.set_postfix(test_acc=f"{stats['test_acc']:.1f}")

@@ -38,7 +38,7 @@ def disk_full_error(target: Path, error: BaseException) -> DiskFullError | None:
     """The error to raise instead of `error` when the disk holding `target` is full, else None. Libraries report
     a full disk their own way (torch: "file write failed"), so a failed write on a disk with no space left counts."""
     full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-    folder = nearest_folder(target)
+    folder = nearest_existing(target.parent)
     free = shutil.disk_usage(folder).free
     if not (full or free == 0):
         return None
@@ -47,12 +47,12 @@ def disk_full_error(target: Path, error: BaseException) -> DiskFullError | None:
                          "resumes where it stopped")
 
 
-def nearest_folder(path: Path) -> Path:
-    """`path`'s folder, or its closest existing ancestor."""
-    folder = path.parent.absolute()
-    while not folder.exists():
-        folder = folder.parent
-    return folder
+def nearest_existing(path: Path) -> Path:
+    """`path` itself, else its closest ancestor that exists."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 @contextlib.contextmanager

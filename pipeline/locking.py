@@ -17,12 +17,13 @@ import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from pipeline.schema import UsageError
 
 LOCK = Path(".dvc") / "tmp" / "lock"
 OUTPUT_LOCKS = Path(".dvc") / "tmp" / "ast-dd"
-_held: list = []   # open lock files of this command's outputs
+_held: list[TextIO] = []   # open lock files of this command's outputs
 
 
 class ProjectBusyError(UsageError):
@@ -40,11 +41,10 @@ def project_lock(root: Path = Path()) -> Iterator[None]:
     try:
         yield
     finally:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        handle.close()
+        _release(handle)
 
 
-def _try_lock(path: Path, busy: str) -> object:
+def _try_lock(path: Path, busy: str) -> TextIO:
     """An open file of `path` holding its exclusive lock, with this pid in it; ProjectBusyError(`busy`) if held."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = path.open("a+")
@@ -75,6 +75,9 @@ def lock_outputs(outputs: list[Path], root: Path = Path()) -> None:
 def release_output_locks() -> None:
     """Release the output locks this command took."""
     while _held:
-        handle = _held.pop()
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        handle.close()
+        _release(_held.pop())
+
+
+def _release(handle: TextIO) -> None:
+    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    handle.close()

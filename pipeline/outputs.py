@@ -9,17 +9,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ast_core.io import atomic_write_text
+from ast_core.io import atomic_write_text, nearest_existing
 from pipeline.locking import lock_outputs
 from pipeline.schema import UsageError
-
-
-def nearest_existing(path: Path) -> Path:
-    """`path` itself, else its closest ancestor that exists."""
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def check_writable(folder: Path) -> None:

@@ -74,7 +74,8 @@ def run(params: Params, path: Path, name: str, lr: float | None) -> dict:
     prepared = load_prepared(params)
     data = prepared.data
     images, labels, stored_lr, kind = read_set(path, prepared)
-    set_lr = stored_lr or lr or params.buffer.variant(params.init.buffer).lr
+    experts_lr = params.buffer.variant(params.init.buffer).lr
+    set_lr = stored_lr or lr or experts_lr
     ipc = per_class(labels, data.info.num_classes)
     label_sets = {"": labels}
     if labels.is_floating_point():
@@ -94,7 +95,6 @@ def run(params: Params, path: Path, name: str, lr: float | None) -> dict:
                             {"path": str(path), "format": kind, "images": len(images), "ipc": ipc, "lr": set_lr},
                             {"score": name}) as tracker:
         results: dict[str, dict] = {}
-        experts_lr = params.buffer.variant(params.init.buffer).lr
         for arch in params.evaluate.archs:
             score = Scorer(params, prepared, arch, device, tracker)
             results[arch] = {f"set{suffix}": score(images, y, set_lr, f"set{suffix}")

@@ -175,6 +175,10 @@ class Journal:
         self.record[kind] += items
         self.save()
 
+    def add_params(self, params: Mapping[str, Any]) -> None:
+        self.record["params"].update(params)
+        self.save()
+
     def add_artifact(self, path: Path, artifact_path: str | None) -> None:
         target = self.folder / "files" / str(len(self.record["artifacts"])) / path.name
         target.parent.mkdir(parents=True)
@@ -316,7 +320,7 @@ class StageRun:
         batch = [Param(key, str(value)) for key, value in items.items()]
         self._record("its params", lambda: [self.client.log_batch(self.run_id, params=batch[i:i + 100])
                                             for i in range(0, len(batch), 100)],
-                     lambda journal: journal.record["params"].update(items) or journal.save())
+                     lambda journal: journal.add_params(items))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         stamp = int(time.time() * 1000)

@@ -112,8 +112,8 @@ def run(params: Params, method: str, ipc: int, seed: int) -> None:
         export_mtt_set(out / "mtt", best_images, best_logits if best_logits is not None else result.labels, best_lr,
                        pixels)
         export_image_folder(out / "images", pixels, result.labels.cpu(), data.info.class_names)
-        for name, images in (("grid.png", best_images), ("final_grid.png", result.images)):
-            save_image_grid(prepared.to_pixels(images), result.labels.cpu(), out / name, data.info.num_classes)
+        for name, shown in (("grid.png", pixels), ("final_grid.png", prepared.to_pixels(result.images))):
+            save_image_grid(shown, result.labels.cpu(), out / name, data.info.num_classes)
         atomic_write_csv(out / "history.csv", untimed(result.history))
         atomic_write_csv(out / "validation.csv", result.validation, columns=("iteration", "val_acc"))
         history = result.history
