@@ -21,6 +21,7 @@ from ast_core.checkpoint import DistillCheckpoint
 from ast_core.matching import DivergenceError, MatchingEngine, Trajectory
 from ast_core.models import FlatModel
 from ast_core.settings import DistillConfig
+from ast_core.sharded import BatchShard
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +77,23 @@ class Distiller:
     iterations and at the end, to keep the best synthetic set (model selection on validation, never on test;
     the initial set is a candidate too, so distillation can never be reported better than it really is).
     With `eval_every=0` only the final set is evaluated. With `checkpoint_dir` the run is saved there every
-    `checkpoint_every` iterations and at the end, and `run` resumes from it.
+    `checkpoint_every` iterations and at the end, and `run` resumes from it. With `shard` (one of several
+    torch.distributed ranks, docs/method.md section 12) every rank resumes from the checkpoint and rank 0 alone
+    writes it; `evaluator` must then return the same accuracy on every rank.
     """
 
     def __init__(self, config: DistillConfig, trajectories: Sequence[Trajectory], flat_model: FlatModel,
                  init_images: Tensor, labels: Tensor, device: str | torch.device = "cpu",
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100,
                  evaluator: Evaluator | None = None, eval_every: int = 0,
-                 label_logits: Tensor | None = None) -> None:
+                 label_logits: Tensor | None = None, shard: BatchShard | None = None) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1")
         self.config = config
-        self.engine = MatchingEngine(config, trajectories, flat_model, init_images, labels, device, label_logits)
+        self.engine = MatchingEngine(config, trajectories, flat_model, init_images, labels, device, label_logits,
+                                     shard)
         self.checkpoint = DistillCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        self.writes_checkpoint = shard is None or shard.rank == 0
         self.checkpoint_every = checkpoint_every
         self.evaluator = evaluator
         self.eval_every = eval_every
@@ -165,7 +170,7 @@ class Distiller:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _save(self) -> None:
-        if self.checkpoint is None:
+        if self.checkpoint is None or not self.writes_checkpoint:
             return
         self.checkpoint.save(self.config, {
             "iteration": self.iteration, **self.engine.state_dict(), "history": self.history,

@@ -35,6 +35,7 @@ from ast_core.augment import DSA
 from ast_core.functional import reuse_freed_cpu_memory, step_gradient
 from ast_core.models import FlatModel
 from ast_core.settings import DistillConfig, check_balance
+from ast_core.sharded import BatchShard
 from ast_core.tesla import tesla_gradients
 
 
@@ -153,11 +154,13 @@ class MatchingEngine:
     average and the random generator every draw comes from (segment, batches, DSA, perturbation), so
     `state_dict` is all a resume needs of it. `labels` are always the hard class labels of the images.
     `trajectories` is a sequence of objects with `.at(t)` and `.num_epochs` (plain or convexified experts).
+    With `shard` (`ast_core.sharded.BatchShard.current()` under torch.distributed) each student step computes
+    this rank's rows of its batch and the ranks' parts are summed (docs/method.md section 12).
     """
 
     def __init__(self, config: DistillConfig, trajectories: Sequence[Trajectory], flat_model: FlatModel,
                  init_images: Tensor, labels: Tensor, device: str | torch.device = "cpu",
-                 label_logits: Tensor | None = None) -> None:
+                 label_logits: Tensor | None = None, shard: BatchShard | None = None) -> None:
         if len(trajectories) == 0:
             raise ValueError("trajectories is empty: train experts first (buffer stage)")
         shortest = min(traj.num_epochs for traj in trajectories)
@@ -194,6 +197,10 @@ class MatchingEngine:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.dsa = DSA(config.dsa_strategy)
         self.step_gradient = step_gradient(flat_model)
+        self.shard = shard
+        if shard is not None:
+            shard.check(flat_model.module, len(labels), config.batch_syn)
+            self.step_gradient = shard.step(self.step_gradient)
         if self.device.type == "cpu":
             reuse_freed_cpu_memory()
 
@@ -291,6 +298,8 @@ class MatchingEngine:
             loss, stats = self.unroll_loss(start_params, targets, expert_start, nu, labels)
             if torch.isfinite(loss) and not self.above_threshold(stats):
                 loss.backward()
+        if self.shard is not None:  # each rank holds the rows of its shards
+            self.shard.combine_gradients([self.images, labels])
         if self.label_logits is not None and labels.grad is not None:
             torch.autograd.backward(torch.softmax(self.label_logits, dim=1), labels.grad)
         return loss, stats

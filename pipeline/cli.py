@@ -74,8 +74,16 @@ def _cells(args: argparse.Namespace, params: Params) -> list[tuple[str, int, int
 
 
 def cmd_distill(args: argparse.Namespace, params: Params) -> None:
-    for cell in _cells(args, params):
-        _stage("distill")(params, *cell)
+    from pipeline import ranks
+
+    devices = params.distill.devices
+    for method, ipc, seed in _cells(args, params):
+        if devices > 1 and not ranks.is_rank():  # the cell as `devices` ranks of this very command
+            profiles = [option for profile in args.profile or () for option in ("--profile", str(profile))]
+            ranks.launch(devices, ["distill", "--params", str(args.params), *profiles, "--method", method,
+                                   "--ipc", str(ipc), "--seed", str(seed)])
+        else:
+            _stage("distill")(params, method, ipc, seed)
 
 
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> None:

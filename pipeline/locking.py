@@ -23,6 +23,7 @@ from pipeline.schema import UsageError
 
 LOCK = Path(".dvc") / "tmp" / "lock"
 OUTPUT_LOCKS = Path(".dvc") / "tmp" / "ast-dd"
+RANKS_PARENT = "AST_DD_RANKS_PARENT"  # set for the ranks of one distillation: the pid of the command holding the lock
 _held: list[TextIO] = []   # open lock files of this command's outputs
 
 
@@ -32,8 +33,9 @@ class ProjectBusyError(UsageError):
 
 @contextlib.contextmanager
 def project_lock(root: Path = Path()) -> Iterator[None]:
-    """Hold the project's DVC lock (no-op outside a DVC project and under DVC, which holds it already)."""
-    if "DVC_STAGE" in os.environ or not (root / ".dvc").is_dir():
+    """Hold the project's DVC lock (no-op outside a DVC project, under DVC, which holds it already, and in the
+    ranks of one distillation, whose `ast-dd distill` holds it: pipeline.ranks)."""
+    if "DVC_STAGE" in os.environ or RANKS_PARENT in os.environ or not (root / ".dvc").is_dir():
         yield
         return
     handle = _try_lock(root / LOCK, f"another DVC or ast-dd command is running in this project: {root / LOCK} is "

@@ -207,6 +207,7 @@ class DistillParams:
     num_experts: int | None = None      # use the first n experts of the buffer (None: all)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # one distilled set per seed (a DVC matrix axis)
     checkpoint_every: int = 100
+    devices: int = 1                    # processes one cell runs on (GPUs, or CPU processes): not a DVC dependency
     eval_every: int = 100               # validation accuracy for best-set selection (0: only at the end)
     eval_models: int = 1
     eval_iterations: int = 300
@@ -236,7 +237,7 @@ class DistillParams:
         check_seeds("distill.seeds", self.seeds)
         if self.num_experts is not None and self.num_experts < 1:
             raise ParamsError(f"distill.num_experts: {self.num_experts!r} must be a positive integer or null (all)")
-        check_minimums("distill", self, {"checkpoint_every": 1, "eval_every": 0, "eval_models": 1,
+        check_minimums("distill", self, {"checkpoint_every": 1, "devices": 1, "eval_every": 0, "eval_models": 1,
                                          "eval_iterations": 1})
 
     def hyper_for(self, ipc: int) -> Hyper:
@@ -335,6 +336,7 @@ class Params:
                               f"({self.buffer.num_experts}) a buffer holds")
         for name in self.distill.methods:
             self.check_runnable(name, self.distill.configs[name])
+        self.check_devices()
         for name in self.distill.configs:  # every row, run now or by an experiment or study later
             for ipc in self.distill.ipcs:
                 self.distill_config(name, ipc, seed=self.distill.seeds[0])  # raises ParamsError naming the key
@@ -353,6 +355,23 @@ class Params:
         if method.mct_anchors is not None and method.mct_anchors not in self.buffer.mct_anchors:
             raise ParamsError(f"{key}.mct_anchors: {method.mct_anchors} is not built by buffer.mct_anchors "
                               f"({list(self.buffer.mct_anchors)})")
+
+    def check_devices(self) -> None:
+        """distill.devices > 1 splits each student step's batch over that many processes (docs/method.md section
+        12): one GPU each where CUDA is used, and a student without batch norm (its samples are coupled)."""
+        devices = self.distill.devices
+        if devices == 1:
+            return
+        if self.model.arch.endswith("_bn"):
+            raise ParamsError(f"distill.devices: {devices} needs a student without batch norm; model.arch "
+                              f"{self.model.arch!r} couples its samples (use {self.model.arch[:-3]!r} or devices: 1)")
+        import torch
+
+        visible = torch.cuda.device_count()
+        uses_cuda = self.device == "cuda" or (self.device == "auto" and visible > 0)
+        if uses_cuda and devices > visible:
+            raise ParamsError(f"distill.devices: {devices} GPUs asked for but {visible} are visible "
+                              "(CUDA_VISIBLE_DEVICES); lower distill.devices or set device: cpu")
 
     def _origin(self, method: str, ipc: int, setting: str) -> str:
         """Where a distillation setting of one cell comes from: the key to fix, then the cell it broke."""

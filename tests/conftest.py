@@ -66,3 +66,19 @@ def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("AST_DD_PARENT_RUN_ID", raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def tiny_ready(tiny: Path) -> Path:
+    """The tiny profile with prepare, the AST buffer and init done (ipc 1, method ast)."""
+    import yaml
+
+    from pipeline.cli import main
+
+    params = yaml.safe_load((tiny / "params.yaml").read_text())
+    params["buffer"]["train"] = ["ast"]
+    params["distill"]["methods"] = ["ast"]
+    (tiny / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("prepare", "buffer", "init"):
+        assert main([stage]) == 0
+    return tiny

@@ -63,18 +63,6 @@ def test_a_failing_stage_ends_its_mlflow_run_failed(tiny: Path, caplog) -> None:
     assert status == {"prepare": "FINISHED", "init": "FAILED"}
 
 
-@pytest.fixture
-def tiny_ready(tiny: Path) -> Path:
-    """The tiny profile with prepare, the AST buffer and init done (ipc 1, method ast)."""
-    params = yaml.safe_load((tiny / "params.yaml").read_text())
-    params["buffer"]["train"] = ["ast"]
-    params["distill"]["methods"] = ["ast"]
-    (tiny / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("prepare", "buffer", "init"):
-        assert main([stage]) == 0
-    return tiny
-
-
 def test_corrupted_distill_checkpoint_is_named(tiny_ready: Path, caplog) -> None:
     params = load_params(tiny_ready / "params.yaml")
     folder = distill_checkpoint_dir("ast", 1, 0, cell_settings_key(params, "ast", 1, 0))

@@ -21,8 +21,10 @@ cell by hand reproduces its outputs and DVC does not report them modified.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import statistics
 from pathlib import Path
 
 import torch
@@ -36,10 +38,11 @@ from ast_core.init import SyntheticInit, initial_synthetic_set
 from ast_core.io import atomic_write_csv, atomic_write_json, atomic_write_safetensors
 from ast_core.models import FlatModel
 from ast_core.settings import DistillConfig
+from ast_core.sharded import BatchShard
 from ast_core.soft_labels import expert_label_logits
 from ast_core.trajectory import convex_tag, load_buffer
 from ast_core.viz import plot_soft_labels, save_image_grid
-from pipeline import tracking
+from pipeline import ranks, tracking
 from pipeline.cells import cell_params, cell_settings_key, cell_tags
 from pipeline.checks import check_experts
 from pipeline.layout import (
@@ -53,7 +56,7 @@ from pipeline.layout import (
 from pipeline.modelling import eval_spec, student
 from pipeline.outputs import claim_outputs
 from pipeline.params import Params
-from pipeline.prepared import load_prepared, resolve_device
+from pipeline.prepared import Prepared, load_prepared, resolve_device
 
 log = logging.getLogger(__name__)
 SERIES = ("loss", "matching_loss", "inner_loss", "inner_loss_balanced", "syn_lr", "start_epoch", "start_bound",
@@ -79,20 +82,43 @@ def check_buffer_matches(trajectories: list, flat_model: FlatModel, folder: Path
 
 
 def run(params: Params, method: str, ipc: int, seed: int) -> None:
+    """Distil one cell; as one of `distill.devices` ranks (pipeline.ranks), rank 0 alone writes."""
+    device = resolve_device(params.device)
+    shard, device = ranks.join(device) if ranks.is_rank() else (None, device)
+    try:
+        if shard is None or shard.rank == 0:
+            distil_and_write(params, method, ipc, seed, device, shard)
+        else:
+            distil_cell(params, method, ipc, seed, device, shard)
+    finally:
+        ranks.leave()
+
+
+def distil_cell(params: Params, method: str, ipc: int, seed: int, device: torch.device,
+                shard: BatchShard | None) -> tuple[Prepared, DatasetSplits, DistillResult]:
+    """The prepared data (test split sealed), and the cell's run from its initial set on its experts."""
+    chosen = params.distill.configs[method]
+    prepared = load_prepared(params)
+    data = prepared.data.without_test("the distill stage selects sets on the validation split only")
+    trajectories = [t.to(device) for t in load_trajectories(params, chosen.buffer, chosen.mct_anchors)]
+    init = initial_images(params, chosen.init, ipc, seed, data)
+    checkpoints = distill_checkpoint_dir(method, ipc, seed, cell_settings_key(params, method, ipc, seed))
+    result = distill_set(params, params.distill_config(method, ipc, seed=seed), trajectories, init, data, device,
+                         checkpoints, buffer_dir(chosen.buffer), shard=shard)
+    return prepared, data, result
+
+
+def distil_and_write(params: Params, method: str, ipc: int, seed: int, device: torch.device,
+                     shard: BatchShard | None) -> None:
+    """Distil the cell and write its outputs and MLflow run."""
     config = params.distill_config(method, ipc, seed=seed)
     chosen = params.distill.configs[method]
-    device = resolve_device(params.device)
     out = distill_dir(method, ipc, seed)
     checkpoints = distill_checkpoint_dir(method, ipc, seed, cell_settings_key(params, method, ipc, seed))
     claim_outputs([out], [checkpoints, distill_timing_file(method, ipc, seed).parent])
     with tracking.stage_run("distill", params.tracking.experiment, f"distill-{method}-ipc{ipc}-s{seed}",
                             cell_params(params, method, ipc, seed), cell_tags(params, method, ipc, seed)) as tracker:
-        prepared = load_prepared(params)
-        data = prepared.data.without_test("the distill stage selects sets on the validation split only")
-        trajectories = [t.to(device) for t in load_trajectories(params, chosen.buffer, chosen.mct_anchors)]
-        init = initial_images(params, chosen.init, ipc, seed, data)
-        result = distill_set(params, config, trajectories, init, data, device, checkpoints,
-                             buffer_dir(chosen.buffer))
+        prepared, data, result = distil_cell(params, method, ipc, seed, device, shard)
         best_images = result.best.images if result.best else result.images
         best_lr = result.best.syn_lr if result.best else result.syn_lr
         tensors = {"images": best_images.cpu().contiguous(), "final_images": result.images.cpu().contiguous(),
@@ -151,31 +177,42 @@ def untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in history]
 
 
-def validation_evaluator(params: Params, data: DatasetSplits, device: torch.device) -> Evaluator:
+def validation_evaluator(params: Params, data: DatasetSplits, device: torch.device,
+                         shard: BatchShard | None = None) -> Evaluator:
     """Validation accuracy of a synthetic set (model selection; never the test split): networks of seeds
-    `Params.validation_seeds`, trained on its hard labels or its soft labels' probabilities."""
+    `Params.validation_seeds`, trained on its hard labels or its soft labels' probabilities. Over several ranks,
+    network k trains on rank k mod R and every rank gets the mean of all."""
     spec = eval_spec(params, "val")
 
     def validation_accuracy(images: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
-        return evaluate_synthetic(images, labels, lr, data, spec, seed=params.validation_seeds[0],
-                                  device=str(device)).mean
+        if shard is None:
+            return evaluate_synthetic(images, labels, lr, data, spec, seed=params.validation_seeds[0],
+                                      device=str(device)).mean
+        one = dataclasses.replace(spec, num_models=1)
+        mine = {network: evaluate_synthetic(images, labels, lr, data, one, seed=network, device=str(device)).mean
+                for network in params.validation_seeds[shard.rank::shard.world]}
+        return statistics.fmean(value for _, value in sorted(shard.gather(mine).items()))
     return validation_accuracy
 
 
 def distill_set(params: Params, config: DistillConfig, trajectories: list, init: SyntheticInit,
                 data: DatasetSplits, device: torch.device, checkpoints: Path, source: Path,
-                progress: bool = True) -> DistillResult:
+                progress: bool = True, shard: BatchShard | None = None) -> DistillResult:
     """Run (or resume) one distillation from `init` on `trajectories`, keeping the best set on validation."""
     flat_model = FlatModel(student(params, data.info).to(device))
     check_buffer_matches(trajectories, flat_model, source)
-    discard_mismatched_checkpoint(config, checkpoints)
+    writer = shard is None or shard.rank == 0
+    if writer:
+        discard_mismatched_checkpoint(config, checkpoints)
+    if shard is not None:  # every rank resumes from the checkpoint rank 0 kept
+        shard.barrier()
     logits = (expert_label_logits(flat_model, trajectories, init.images.to(device), init.labels)
               if config.soft_labels else None)
     distiller = Distiller(config, trajectories, flat_model, init.images, init.labels, device=device,
                           checkpoint_dir=checkpoints, checkpoint_every=params.distill.checkpoint_every,
-                          evaluator=validation_evaluator(params, data, device), eval_every=params.distill.eval_every,
-                          label_logits=logits)
-    return distiller.run(progress=progress)
+                          evaluator=validation_evaluator(params, data, device, shard),
+                          eval_every=params.distill.eval_every, label_logits=logits, shard=shard)
+    return distiller.run(progress=progress and writer)
 
 
 def load_trajectories(params: Params, variant: str, mct_anchors: int | None) -> list:
