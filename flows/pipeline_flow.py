@@ -31,11 +31,11 @@ ARTIFACT_KEY = "ast-pipeline-results"
 
 
 @task(retries=RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS, cache_policy=NO_CACHE)
-def run_stage(stage: str, root: str, parent_run_id: str, flow_run_id: str, force: bool = False) -> str:
-    """Reproduce one DVC stage (a training stage on a GPU of its own); returns ``ran``, ``restored from run
+def run_stage(stage: str, root: str, parent_run_id: str, flow_run_id: str, force: bool = False, gpus: int = 1) -> str:
+    """Reproduce one DVC stage (a training stage on `gpus` GPUs of its own); returns ``ran``, ``restored from run
     cache`` (DVC had the outputs of these exact inputs) or ``up to date``. DVC resumes what a failed try left."""
     args = single_stage_args(stage, force)
-    gpu = pinned_gpu() if GPU_TAG in runtime.task_run.tags else contextlib.nullcontext({})
+    gpu = pinned_gpu(gpus) if GPU_TAG in runtime.task_run.tags else contextlib.nullcontext({})
     with gpu as device:
         output = run_dvc(args, Path(root), {**stage_env(parent_run_id, flow_run_id), **device}, get_run_logger())
     if f"Running stage '{stage}'" in output:
@@ -44,13 +44,15 @@ def run_stage(stage: str, root: str, parent_run_id: str, flow_run_id: str, force
 
 
 def submit_graph(nodes: list[StageNode], root: Path, parent_run_id: str, flow_run_id: str, force: bool,
-                 retries: int) -> dict[str, PrefectFuture[str]]:
-    """Submit every stage after the stages it depends on (`nodes` lists dependencies first)."""
+                 retries: int, distill_devices: int = 1) -> dict[str, PrefectFuture[str]]:
+    """Submit every stage after the stages it depends on (`nodes` lists dependencies first); a distill cell
+    takes `distill_devices` GPUs at once."""
     futures: dict[str, PrefectFuture[str]] = {}
     for node in nodes:
         stage_task = run_stage.with_options(name=f"stage-{node.group}", task_run_name=node.name, tags=stage_tags(node),
                                             retries=retries)
-        futures[node.name] = stage_task.submit(node.name, str(root), parent_run_id, flow_run_id, force,
+        gpus = distill_devices if node.group == "distill" else 1
+        futures[node.name] = stage_task.submit(node.name, str(root), parent_run_id, flow_run_id, force, gpus,
                                                wait_for=[futures[name] for name in node.upstream])
     return futures
 
@@ -98,7 +100,7 @@ def ast_pipeline(targets: list[str] | None = None, overrides: dict[str, Any] | N
         logger.info("stages: %s", ", ".join(node.name for node in nodes))
         with tracking.pipeline_run(params.tracking.experiment, run_name="ast_pipeline") as parent_run_id:
             futures = submit_graph(nodes, root, parent_run_id, str(runtime.flow_run.id or ""), force,
-                                   retries)
+                                   retries, params.distill.devices)
             wait(list(futures.values()))
             outcomes = {name: outcome(future) for name, future in futures.items()}
             create_markdown_artifact(results_markdown(root, outcomes, parent_run_id, params.tracking.experiment),

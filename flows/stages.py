@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import threading
 from collections.abc import Iterator
 
@@ -22,8 +21,6 @@ from pipeline.stage_graph import StageNode
 
 GPU_TAG = "gpu"
 TAIL_LINES = 40
-_GPU_POOLS: dict[tuple[str, ...], queue.SimpleQueue[str]] = {}
-_GPU_POOLS_LOCK = threading.Lock()
 
 
 def stage_tags(node: StageNode) -> list[str]:
@@ -41,25 +38,49 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())]
 
 
+class GpuPool:
+    """The GPUs of this process's training tasks: a task takes all it needs at once or waits, so two
+    multi-GPU cells can never each hold part of what they need and wait for each other."""
+
+    def __init__(self, gpus: tuple[str, ...]) -> None:
+        self.free = list(gpus)
+        self.size = len(gpus)
+        self.changed = threading.Condition()
+
+    def take(self, count: int) -> list[str]:
+        if count > self.size:
+            raise ValueError(f"distill.devices: {count} GPUs asked for but this machine shows {self.size}")
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.free) >= count)
+            taken, self.free = self.free[:count], self.free[count:]
+            return taken
+
+    def give_back(self, gpus: list[str]) -> None:
+        with self.changed:
+            self.free.extend(gpus)
+            self.changed.notify_all()
+
+
+_GPU_POOLS: dict[tuple[str, ...], GpuPool] = {}
+_GPU_POOLS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
-def pinned_gpu() -> Iterator[dict[str, str]]:
-    """``{"CUDA_VISIBLE_DEVICES": <id>}`` naming a GPU no other training task of this process holds (waits for
-    one to be free), so that N concurrent stages use N different GPUs; ``{}`` on a machine without GPUs."""
+def pinned_gpu(count: int = 1) -> Iterator[dict[str, str]]:
+    """``{"CUDA_VISIBLE_DEVICES": <ids>}`` naming `count` GPUs no other training task of this process holds (waits
+    until that many are free, then takes them together), so that concurrent stages use different GPUs; ``{}`` on a
+    machine without GPUs."""
     gpus = tuple(visible_gpus())
     if not gpus:
         yield {}
         return
     with _GPU_POOLS_LOCK:
-        if gpus not in _GPU_POOLS:
-            _GPU_POOLS[gpus] = queue.SimpleQueue()
-            for gpu in gpus:
-                _GPU_POOLS[gpus].put(gpu)
-        pool = _GPU_POOLS[gpus]
-    gpu = pool.get()
+        pool = _GPU_POOLS.setdefault(gpus, GpuPool(gpus))
+    taken = pool.take(count)
     try:
-        yield {"CUDA_VISIBLE_DEVICES": gpu}
+        yield {"CUDA_VISIBLE_DEVICES": ",".join(taken)}
     finally:
-        pool.put(gpu)
+        pool.give_back(taken)
 
 
 def stage_env(parent_run_id: str, flow_run_id: str) -> dict[str, str]:

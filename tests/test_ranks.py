@@ -48,3 +48,24 @@ def test_devices_the_run_cannot_use_are_refused_naming_the_key(tiny: Path, chang
     overlay.write_text(yaml.safe_dump({"distill": {"devices": 2}} | change))
     with pytest.raises(ParamsError, match=message):
         load_params(tiny / "params.yaml", [overlay])
+
+
+def test_a_multi_gpu_cell_takes_its_gpus_together_or_waits() -> None:
+    """Two 2-GPU cells on 3 GPUs: the second waits for the first's GPUs instead of holding one of them (which
+    would let two cells each hold part of what they need and wait forever)."""
+    import threading
+
+    from flows.stages import GpuPool
+
+    pool = GpuPool(("0", "1", "2"))
+    first = pool.take(2)
+    taken: list[list[str]] = []
+    waiter = threading.Thread(target=lambda: taken.append(pool.take(2)))
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive() and pool.free == ["2"]  # waiting, and holding nothing
+    pool.give_back(first)
+    waiter.join(timeout=5)
+    assert len(taken[0]) == 2 and set(taken[0]) | set(pool.free) == {"0", "1", "2"}
+    with pytest.raises(ValueError, match="distill.devices: 4 GPUs"):
+        pool.take(4)
