@@ -196,7 +196,8 @@ def buffers_frame() -> pd.DataFrame:
 
 def experiments_frame(experiment: str) -> pd.DataFrame:
     """Latest evaluate run per (DVC experiment, method, ipc, distillation seed) in MLflow, ConvNet accuracy.
-    The seed is the run's `distill_seed` tag; runs from before seeds were tagged have none (<NA>)."""
+    The seed is the run's `distill_seed` tag; runs from before seeds were tagged have none (<NA>). The runs'
+    commits stay in MLflow: a tracked table holding them would change with every commit, not with the results."""
     try:
         tracking.configure(experiment)
         runs = mlflow.search_runs(filter_string="tags.stage = 'evaluate'", output_format="pandas")
@@ -215,7 +216,7 @@ def experiments_frame(experiment: str) -> pd.DataFrame:
                           "networks": runs["params.evaluate.num_models"],
                           "eval_iterations": runs["params.evaluate.iterations"],
                           "protocol": runs["params.evaluate.protocol"],
-                          "mean": runs["metrics.test_acc_convnet_mean"], "git_commit": runs["tags.git_commit"].str[:8]})
+                          "mean": runs["metrics.test_acc_convnet_mean"]})
     return frame.sort_values(["ipc", "experiment", "method", "seed"])
 
 
