@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace, params: Params) -> None:
     from pipeline.runner import run_pipeline
 
     run_pipeline(params, args.params, targets=args.targets, force=args.force, profiles=args.profile or (),
-                 jobs=args.jobs, name=args.name)
+                 jobs=args.jobs, name=args.name, queue=args.queue)
 
 
 def cmd_study(args: argparse.Namespace, params: Params) -> None:
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--force", action="store_true", help="rerun stages even if up to date")
             cmd.add_argument("-n", "--name", help="run as the DVC experiment NAME (with --profile: the profile's "
                                                   "settings, recorded under that name in DVC and MLflow)")
+            cmd.add_argument("--queue", action="store_true",
+                             help="queue the experiment (`dvc exp run --queue`) for `dvc queue start`, which runs it "
+                                  "in a temporary copy and leaves the workspace's outputs as they are")
             cmd.add_argument("--jobs", type=int, default=1,
                              help="stages run at once, each with its share of the CPU cores (default 1: `dvc repro` "
                                   "with progress bars; `make run` uses every core)")

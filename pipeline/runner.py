@@ -186,26 +186,34 @@ def run_stages(nodes: Sequence[StageNode], jobs: int, force: bool = False) -> No
 
 
 def run_pipeline(params: Params, params_path: str, targets: list[str] | None = None, force: bool = False,
-                 profiles: Sequence[str | Path] = (), jobs: int = 1, name: str | None = None) -> None:
+                 profiles: Sequence[str | Path] = (), jobs: int = 1, name: str | None = None,
+                 queue: bool = False) -> None:
     """`dvc repro [targets]` with stage runs nested under one MLflow run for this execution; with `jobs` > 1
     the stages run `jobs` at a time (`run_stages`). With profiles or a `name`, a workspace `dvc exp run`
     (named `name`) that writes the overlays' settings into params.yaml (as `-S ++key=value`), so DVC records
-    them and every stage reads them (one stage at a time: an experiment is one DVC command)."""
+    them and every stage reads them (one stage at a time: an experiment is one DVC command). With `queue`,
+    that experiment is queued instead (`dvc exp run --queue`): `dvc queue start` runs it in a temporary copy,
+    so the workspace keeps its outputs (a workspace experiment with other cells leaves its cells' outputs
+    beside them, since `dvc exp apply` restores only what the applied experiment tracks)."""
     ensure_params_file(params_path)
     if jobs < 1:
         raise ParamsError(f"--jobs: {jobs} must be a positive integer")
     if name is not None and not name.strip():
         raise ParamsError("--name: give the experiment a name, e.g. -n tiny")
     options = [*(["--force"] if force else []), *(targets or [])]
-    if profiles or name:
+    if profiles or name or queue:
         overrides = profile_overrides(profiles, Path(params_path).resolve().parent)
         overridden_params(Path(params_path), overrides, add=True)  # what DVC will write, checked first
-        args = ["exp", "run", *(["--name", name] if name else []), *options,
+        args = ["exp", "run", *(["--queue"] if queue else []), *(["--name", name] if name else []), *options,
                 *(arg for o in hydra_overrides(overrides, add=True) for arg in ("-S", o))]
     else:
         args = ["repro", *options]
     command = " ".join(["ast-dd run", *(f"--profile {profile}" for profile in profiles),
                         *([f"-n {name}"] if name else []), *options])
+    if queue:
+        run_dvc(args)
+        log.info("queued %s: `dvc queue start` runs it, `dvc queue status` follows it", command)
+        return
     with tracking.pipeline_run(params.tracking.experiment, run_name=command) as run_id:
         log.info("MLflow parent run %s (%s)", run_id, command)
         if jobs > 1 and not (profiles or name):

@@ -36,17 +36,21 @@ def test_run_with_a_profile_is_a_workspace_dvc_experiment(tmp_path: Path, monkey
     runner.run_pipeline(params, "params.yaml")
     runner.run_pipeline(params, "params.yaml", profiles=["small"], name="small")
     runner.run_pipeline(params, "params.yaml", name="baseline")
+    monkeypatch.setattr(runner.tracking, "pipeline_run", None)  # a queued experiment opens no MLflow run here
+    runner.run_pipeline(params, "params.yaml", profiles=["small"], name="small", queue=True)
     assert calls == [["exp", "run", "--force", "report", "-S", "++distill.ipcs=[1]",
                       "-S", "++distill.per_ipc.1.lr_img=30"], ["repro"],
                      ["exp", "run", "--name", "small", "-S", "++distill.ipcs=[1]",
                       "-S", "++distill.per_ipc.1.lr_img=30"],
-                     ["exp", "run", "--name", "baseline"]]
+                     ["exp", "run", "--name", "baseline"],
+                     ["exp", "run", "--queue", "--name", "small", "-S", "++distill.ipcs=[1]",
+                      "-S", "++distill.per_ipc.1.lr_img=30"]]
     (tmp_path / "profiles" / "bad.yaml").write_text("distill:\n  ipcs: [0]\n")
     with pytest.raises(ParamsError, match="distill.ipcs"):
         runner.run_pipeline(params, "params.yaml", profiles=["bad"])
     with pytest.raises(ParamsError, match="--name"):
         runner.run_pipeline(params, "params.yaml", name=" ")
-    assert len(calls) == 4  # nothing ran
+    assert len(calls) == 5  # nothing ran
 
 
 def test_a_progress_bar_redrawn_in_place_is_logged_once_in_its_final_state() -> None:
