@@ -12,7 +12,8 @@
 (e) plain MTT vs every per-iteration AST module on (`bench_distill.py --method ours|ours-ast`), same N and M;
 (f) the headline ratio (FMNIST ipc 10, N 20) from alternating reference/ours processes, and the speed-up
     candidates measured against the step (`bench_candidates.py`: convolution share, channels_last,
-    torch.compile).
+    torch.compile);
+(g) one distillation on R processes, each a slice of every student step's batch (`bench_ranks.py`).
 """
 
 from __future__ import annotations
@@ -289,6 +290,9 @@ def main() -> None:
     pairs = headline_pairs(args)
     small_pairs = headline_pairs(args, SMALL_STEP)
     tried = candidates(args)
+    worlds = ["1", "2"] if args.device == "cpu" or torch.cuda.device_count() > 1 else ["1"]  # NCCL: a GPU per rank
+    ranks = run_script("bench_ranks.py", "--ranks", *worlds, "--ipcs", "10", "50", "--repeats", str(args.repeats),
+                       "--device", args.device)
     command = shlex.join([os.path.relpath(sys.executable, HERE.parent), "benchmarks/run_all.py", *sys.argv[1:]])
     text = f"""# Benchmarks
 
@@ -350,6 +354,14 @@ The same at ipc {SMALL_STEP[1]} ({SMALL_STEP[0]}, N {SMALL_STEP[2]}), where each
 {small_pairs}
 
 {tried}
+
+## (g) One distillation on R processes (`benchmarks/bench_ranks.py`, `distill.devices`)
+
+R ranks each take a slice of every student step's batch (`ast_core.sharded`, docs/method.md section 12): gloo
+on the CPU, where the ranks split the same cores (each gets cores / R threads), NCCL on GPUs, one per rank.
+Seconds: the slowest rank's median; memory: the largest rank's peak.
+
+{ranks}
 """
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}", file=sys.stderr)
