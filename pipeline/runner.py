@@ -201,7 +201,8 @@ def run_pipeline(params: Params, params_path: str, targets: list[str] | None = N
     if name is not None and not name.strip():
         raise ParamsError("--name: give the experiment a name, e.g. -n tiny")
     options = [*(["--force"] if force else []), *(targets or [])]
-    if profiles or name or queue:
+    experiment = bool(profiles or name or queue)
+    if experiment:
         overrides = profile_overrides(profiles, Path(params_path).resolve().parent)
         overridden_params(Path(params_path), overrides, add=True)  # what DVC will write, checked first
         args = ["exp", "run", *(["--queue"] if queue else []), *(["--name", name] if name else []), *options,
@@ -209,14 +210,14 @@ def run_pipeline(params: Params, params_path: str, targets: list[str] | None = N
     else:
         args = ["repro", *options]
     command = " ".join(["ast-dd run", *(f"--profile {profile}" for profile in profiles),
-                        *([f"-n {name}"] if name else []), *options])
+                        *([f"-n {name}"] if name else []), *(["--queue"] if queue else []), *options])
     if queue:
         run_dvc(args)
         log.info("queued %s: `dvc queue start` runs it, `dvc queue status` follows it", command)
         return
     with tracking.pipeline_run(params.tracking.experiment, run_name=command) as run_id:
         log.info("MLflow parent run %s (%s)", run_id, command)
-        if jobs > 1 and not (profiles or name):
+        if jobs > 1 and not experiment:
             run_stages(stage_graph(tracking.project_root(), targets), jobs, force)
         else:
             run_dvc(args)

@@ -4,6 +4,7 @@ or named in NOT_RUN with the reason and the test that covers it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -11,12 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from tiny import init_repository, scratch_env, write_tiny_params
+
+from flows.serve import wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -71,20 +73,17 @@ def fresh_project(path: Path) -> dict[str, str]:
 
 
 def serve_briefly(command: str, url: str, cwd: Path, env: dict[str, str]) -> int:
-    """Start a server command, wait until `url` answers 200 (0) or 120 s pass (1), then stop it."""
+    """Start a server command, wait until `url` answers 200 (0) or 120 s pass or it exits (1), then stop it."""
     server = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    return 0 if response.status == 200 else 1
-            except OSError:
-                time.sleep(1)
+        wait_until_up(url, server, timeout=120)
+        return 0
+    except (RuntimeError, TimeoutError):
         return 1
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a server that exited has no group left
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
 
 
