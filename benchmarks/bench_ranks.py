@@ -112,7 +112,7 @@ def main() -> None:
     rows = [run_setting(world, {"ipc": ipc, "syn_steps": args.syn_steps, "width": args.width,
                                 "repeats": args.repeats, "device": args.device, "cores": cores})
             for ipc in args.ipcs for world in args.ranks]
-    print(f"{args.device}, {cores} cores, ConvNet-3 width {args.width}, N {args.syn_steps}")
+    print(f"{args.device}, {cores} cores, ConvNet-3 width {args.width}, N {args.syn_steps}\n")
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
