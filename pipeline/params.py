@@ -358,10 +358,18 @@ class Params:
 
     def check_devices(self) -> None:
         """distill.devices > 1 splits each student step's batch over that many processes (docs/method.md section
-        12): one GPU each where CUDA is used, and a student without batch norm (its samples are coupled)."""
+        12): one GPU each where CUDA is used, a student without batch norm (its samples are coupled) and batches
+        of at least one image per process (an empty share would skip a collective and hang the others)."""
         devices = self.distill.devices
         if devices == 1:
             return
+        for method in self.distill.methods:
+            for ipc in self.distill.ipcs:
+                batch = self.distill_config(method, ipc, seed=self.distill.seeds[0]).batch_syn
+                if batch is not None and batch < devices:
+                    raise ParamsError(f"{self._origin(method, ipc, 'batch_syn')}: {batch} images per student step "
+                                      f"cannot be split over distill.devices: {devices} processes; raise it to >= "
+                                      f"{devices}, or null for the whole set")
         if self.model.arch.endswith("_bn"):
             raise ParamsError(f"distill.devices: {devices} needs a student without batch norm; model.arch "
                               f"{self.model.arch!r} couples its samples (use {self.model.arch[:-3]!r} or devices: 1)")

@@ -40,6 +40,8 @@ def test_a_cell_on_two_processes_writes_what_one_process_writes(tiny_ready: Path
     ({"model": {"arch": "resnet18_bn"}}, "distill.devices: 2 needs a student without batch norm"),
     ({"device": "cuda"}, "distill.devices: 2 GPUs asked for but"),
     ({"distill": {"devices": 0}}, "distill.devices"),
+    ({"distill": {"devices": 3, "hyper": {"batch_syn": 2}}},
+     r"distill.hyper.batch_syn \(distill.configs.ast at ipc 1\): 2 images .* distill.devices: 3"),
 ])
 def test_devices_the_run_cannot_use_are_refused_naming_the_key(tiny: Path, change: dict, message: str) -> None:
     if change.get("device") == "cuda" and torch.cuda.device_count() >= 2:
