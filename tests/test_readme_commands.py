@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,6 +88,17 @@ def serve_briefly(command: str, url: str, cwd: Path, env: dict[str, str]) -> int
         server.wait(timeout=60)
 
 
+def run_as_printed(command: str, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Exit code and output of a shell command. The output goes through a file, not a pipe: the queue worker that
+    `dvc queue start` or `dvc exp run --run-all` starts keeps the descriptors it inherits, so reading a pipe to
+    its end would wait for that worker to exit (`dvc queue start` would seem to wait for its experiments)."""
+    with tempfile.TemporaryFile("w+") as output:
+        completed = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT, text=True, timeout=1200)
+        output.seek(0)
+        return completed.returncode, output.read()
+
+
 def wait_for_queue(cwd: Path, env: dict[str, str], timeout: float = 900) -> str:
     """`dvc queue status` once no experiment is queued or running."""
     deadline = time.monotonic() + timeout
@@ -104,7 +116,7 @@ def test_readme_commands_run_as_printed(tmp_path: Path) -> None:
     path.mkdir()
     env = fresh_project(path)
     table, failures = ["| command | rc | seconds |", "| --- | --- | --- |"], []
-    queue = "Success"  # `dvc queue status` after the block that starts the queue
+    queue = "Success"  # `dvc queue status` after the block that queues experiments
     for block in readme_blocks((ROOT / "README.md").read_text()):
         prefix = ""
         for command in block:
@@ -116,15 +128,13 @@ def test_readme_commands_run_as_printed(tmp_path: Path) -> None:
             if server:
                 rc, output = serve_briefly(prefix + command, server, path, env), ""
             else:
-                result = subprocess.run(["bash", "-c", prefix + command], cwd=path, env=env, capture_output=True,
-                                        text=True, timeout=1200)
-                rc, output = result.returncode, result.stdout + result.stderr
+                rc, output = run_as_printed(prefix + command, path, env)
             if command.startswith(". "):  # an activation holds for the rest of its block
                 prefix += command + " && "
             table.append(f"| `{command}` | {rc} | {time.monotonic() - start:.0f} |")
             if rc:
                 failures.append(f"{command} exited {rc}:\n{output[-3000:]}")
-        if "dvc queue start" in block:  # the queued experiments finish before the next block's commands
+        if any("--queue" in command for command in block):  # every queued experiment ran, and succeeded
             queue = wait_for_queue(path, env)
     print("\n".join(table))
     assert not failures, "\n".join(table) + "\n\n" + "\n\n".join(failures)
