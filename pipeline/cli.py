@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("-n", "--name", help="run as the DVC experiment NAME (with --profile: the profile's "
                                                   "settings, recorded under that name in DVC and MLflow)")
             cmd.add_argument("--queue", action="store_true",
-                             help="queue the experiment (`dvc exp run --queue`) for `dvc queue start`, which runs it "
-                                  "in a temporary copy and leaves the workspace's outputs as they are")
+                             help="queue the experiment (`dvc exp run --queue`) for `dvc exp run --run-all` or "
+                                  "`dvc queue start`, which run it in a temporary copy and leave the workspace's "
+                                  "outputs as they are")
             cmd.add_argument("--jobs", type=int, default=1,
                              help="stages run at once, each with its share of the CPU cores (default 1: `dvc repro` "
                                   "with progress bars; `make run` uses every core)")

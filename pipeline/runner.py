@@ -192,7 +192,7 @@ def run_pipeline(params: Params, params_path: str, targets: list[str] | None = N
     the stages run `jobs` at a time (`run_stages`). With profiles or a `name`, a workspace `dvc exp run`
     (named `name`) that writes the overlays' settings into params.yaml (as `-S ++key=value`), so DVC records
     them and every stage reads them (one stage at a time: an experiment is one DVC command). With `queue`,
-    that experiment is queued instead (`dvc exp run --queue`): `dvc queue start` runs it in a temporary copy,
+    that experiment is queued instead (`dvc exp run --queue`): `dvc exp run --run-all` runs it in a temporary copy,
     so the workspace keeps its outputs (a workspace experiment with other cells leaves its cells' outputs
     beside them, since `dvc exp apply` restores only what the applied experiment tracks)."""
     ensure_params_file(params_path)
@@ -213,7 +213,8 @@ def run_pipeline(params: Params, params_path: str, targets: list[str] | None = N
                         *([f"-n {name}"] if name else []), *(["--queue"] if queue else []), *options])
     if queue:
         run_dvc(args)
-        log.info("queued %s: `dvc queue start` runs it, `dvc queue status` follows it", command)
+        log.info("queued %s: `dvc exp run --run-all` runs the queue and waits, `dvc queue start` runs it in the "
+                 "background (`dvc queue status` follows it)", command)
         return
     with tracking.pipeline_run(params.tracking.experiment, run_name=command) as run_id:
         log.info("MLflow parent run %s (%s)", run_id, command)
